@@ -1,0 +1,63 @@
+/**
+ * Fetch container images from Deno and Bun through skopeo's `experimental-image-proxy`: every
+ * transport, mirror, auth file and signature policy containers/image supports, with manifests,
+ * configurations and layers streamed as Web `ReadableStream`s.
+ *
+ * @example Streaming a layer from an OCI layout
+ * ```ts ignore
+ * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
+ *
+ * await using proxy = await ImageProxy.spawn();
+ * const img = await proxy.openImage("oci:/var/lib/images/app:latest");
+ * const { manifest } = await proxy.fetchManifest(img);
+ * for (const layer of manifest.layers) {
+ *   const { stream } = await proxy.getDescriptor(img, layer);
+ *   await stream.pipeTo(new WritableStream()); // verified once it closes
+ * }
+ * ```
+ *
+ * @module
+ * @tags allow-ffi, allow-run, allow-env
+ */
+
+export { ImageProxy, OpenedImage } from "./src/proxy.ts";
+export type { BlobOptions, BlobReader } from "./src/proxy.ts";
+export { DEFAULT_SKOPEO_CMD, skopeoArgv } from "./src/config.ts";
+export type { ImageProxyConfig } from "./src/config.ts";
+export {
+  BlobError,
+  ConfigurationError,
+  describeExit,
+  ImageProxyError,
+  InvalidReferenceError,
+  ProtocolError,
+  ProxyClosedError,
+  ProxyExitedError,
+  ProxyTooOldError,
+  RequestError,
+  SpawnError,
+  UnsupportedMethodError,
+} from "./src/errors.ts";
+export type { ExitStatus, ProxyErrorCode } from "./src/errors.ts";
+export { digestProblem, ImageReference, toImageReference } from "./src/reference.ts";
+export type { ImageReferenceLike, TransportName } from "./src/reference.ts";
+export { BASE_PROTOCOL_VERSION, MAX_REQUEST_SIZE, METHOD_VERSIONS } from "./src/protocol.ts";
+export type { Method } from "./src/protocol.ts";
+export type {
+  ConvertedLayerInfo,
+  Descriptor,
+  ImageConfiguration,
+  ImageIndex,
+  ImageManifest,
+  Platform,
+  RuntimeConfig,
+} from "./src/oci.ts";
+export type {
+  ChildExit,
+  FdStreamOptions,
+  Hasher,
+  ReceivedPacket,
+  SpawnRequest,
+  Transport,
+  TransportFactory,
+} from "./src/transport.ts";

@@ -1,0 +1,6 @@
+/**
+ * The `image-proxy` command line (work in progress).
+ *
+ * @module
+ */
+export {};

@@ -1,0 +1,868 @@
+/**
+ * The proxy client: one skopeo child, one request queue, and blob streams that end only once the
+ * server has confirmed size and digest.
+ *
+ * @module
+ */
+
+import { authDataBytes, DEFAULT_SKOPEO_CMD, envFlag, type ImageProxyConfig, skopeoArgv } from "./config.ts";
+import {
+  BlobError,
+  ConfigurationError,
+  ImageProxyError,
+  ProtocolError,
+  ProxyClosedError,
+  ProxyExitedError,
+  ProxyTooOldError,
+  RequestError,
+  SpawnError,
+  UnsupportedMethodError,
+} from "./errors.ts";
+import { createHasher } from "./hash.ts";
+import {
+  checkConfiguration,
+  checkLayerInfo,
+  checkManifest,
+  type ConvertedLayerInfo,
+  type Descriptor,
+  type ImageConfiguration,
+  type ImageManifest,
+  type RuntimeConfig,
+} from "./oci.ts";
+import {
+  BASE_PROTOCOL_VERSION,
+  decodeReply,
+  encodeRequest,
+  expectInteger,
+  expectString,
+  type Method,
+  METHOD_VERSIONS,
+  parseVersion,
+  type Reply,
+  versionAtLeast,
+} from "./protocol.ts";
+import { digestProblem, type ImageReference, type ImageReferenceLike, toImageReference } from "./reference.ts";
+import { defaultTransportFactory } from "./runtime/detect.ts";
+import type { ChildExit, Transport } from "./transport.ts";
+
+/** The fds a reply must carry. */
+type FdShape = "none" | "pipe" | "dual";
+
+/** Small payloads (manifests, configs, layer info) larger than this are refused. */
+const MAX_PAYLOAD = 64 * 1024 * 1024;
+/** How long to wait for the exit status once the socket says the child is gone. */
+const EXIT_WAIT_MS = 3000;
+/** Blob pipes are grown to this size: fewer, larger reads. */
+const BLOB_PIPE_SIZE = 1 << 20;
+/** Signature policy is enforced at OpenImage from this protocol version on. */
+const POLICY_VERSION = "0.2.6";
+/** How long shutdown waits for skopeo to exit by itself before it is killed. */
+const SHUTDOWN_GRACE_MS = 2000;
+
+/**
+ * An image opened on a proxy: pass it to the fetch methods, then to `closeImage`.
+ */
+export class OpenedImage {
+  /** The proxy's handle for the image. */
+  readonly id: number;
+  /** The reference it was opened with. */
+  readonly reference: ImageReference;
+  #closed = false;
+  /** @internal */
+  constructor(id: number, reference: ImageReference) {
+    this.id = id;
+    this.reference = reference;
+  }
+  /** Whether `closeImage` was called on it. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+  /** @internal */
+  markClosed(): void {
+    this.#closed = true;
+  }
+}
+
+/** A blob being streamed from the proxy. */
+export interface BlobReader {
+  /** The blob's size in bytes as the proxy reports it; -1 when unknown (raw blobs only). */
+  size: number;
+  /**
+   * The blob's bytes. It closes normally only when size and digest were confirmed; any corruption,
+   * short read or proxy failure errors it with a {@linkcode BlobError} or {@linkcode ProxyExitedError}.
+   */
+  stream: ReadableStream<Uint8Array>;
+}
+
+/** Options for a blob request. */
+export interface BlobOptions {
+  /** Aborting closes the pipe, settles the server side and errors the stream with the reason. */
+  signal?: AbortSignal;
+}
+
+interface Received {
+  reply: Reply;
+  fds: number[];
+}
+
+/**
+ * A running `skopeo experimental-image-proxy`.
+ *
+ * @example Fetching an image's manifest, configuration and first layer
+ * ```ts ignore
+ * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
+ *
+ * await using proxy = await ImageProxy.spawn();
+ * const img = await proxy.openImage("docker://quay.io/libpod/alpine:latest");
+ * const { digest, manifest } = await proxy.fetchManifest(img);
+ * const config = await proxy.fetchConfig(img);
+ * console.log(digest, config.architecture, manifest.layers.length);
+ * const { stream } = await proxy.getDescriptor(img, manifest.layers[0]);
+ * let bytes = 0;
+ * for await (const chunk of stream) bytes += chunk.length;
+ * console.log(`first layer: ${bytes} bytes, verified`);
+ * await proxy.closeImage(img);
+ * ```
+ */
+export class ImageProxy implements AsyncDisposable {
+  /** The protocol version the proxy announced (`"0.2.3"` ... `"0.2.8"`). */
+  readonly protocolVersion: string;
+  readonly #transport: Transport;
+  #queue: Promise<unknown> = Promise.resolve();
+  #exit: ChildExit | undefined;
+  #shutdown: Promise<void> | undefined;
+  #closedError: ImageProxyError | undefined;
+  readonly #openStreams = new Set<() => void>();
+
+  private constructor(transport: Transport, protocolVersion: string) {
+    this.#transport = transport;
+    this.protocolVersion = protocolVersion;
+    transport.exited.then((exit) => {
+      this.#exit = exit;
+    });
+  }
+
+  /**
+   * Starts skopeo with `config`, performs `Initialize` and checks the protocol version.
+   *
+   * @throws {ConfigurationError} for contradictory or unsupported options.
+   * @throws {SpawnError} when skopeo cannot be started.
+   * @throws {ProxyTooOldError} when the proxy speaks a protocol older than 0.2.3.
+   */
+  static async spawn(config: ImageProxyConfig = {}): Promise<ImageProxy> {
+    if (typeof config !== "object" || config === null) {
+      throw new ConfigurationError("The configuration must be an object");
+    }
+    const factory = config.transport ?? await defaultTransportFactory();
+    const debug = config.debug ?? envFlag(factory.env?.("CONTAINERS_IMAGE_PROXY_DEBUG"));
+    const authData = authDataBytes(config.authData);
+    // Validate everything before anything is started.
+    skopeoArgv(config, { sockfd: 3, authfd: authData ? 4 : undefined }, { debug });
+    if (config.env !== undefined) {
+      if (typeof config.env !== "object" || config.env === null) {
+        throw new ConfigurationError('Option "env" must be an object of strings');
+      }
+      for (const [key, value] of Object.entries(config.env)) {
+        if (typeof value !== "string") throw new ConfigurationError(`Option "env.${key}" must be a string`);
+      }
+    }
+    const transport = await factory.spawn({
+      argv: (fds) => skopeoArgv(config, fds, { debug }),
+      env: config.env ?? {},
+      authData,
+      debug,
+    });
+    let version: string;
+    try {
+      version = await ImageProxy.#initialize(transport);
+    } catch (err) {
+      const exit = await transport.close(500);
+      if (
+        config.decryptionKeys?.length && err instanceof ProxyExitedError &&
+        /unknown flag: --decryption-key/.test(exit.stderrTail)
+      ) {
+        throw new ConfigurationError(
+          'Option "decryptionKeys" is not supported by this skopeo: its experimental-image-proxy does not accept --decryption-key',
+          { cause: err },
+        );
+      }
+      if (err instanceof ProxyExitedError && exit.code === 127) {
+        // setpriv (or a wrapper script) could not execute skopeo.
+        throw new SpawnError(
+          `Cannot start skopeo: ${
+            exit.stderrTail.trim() || "command not found"
+          }. Install it (Debian/Ubuntu: ` +
+            `"apt-get install skopeo", Fedora: "dnf install skopeo") or point "skopeoCmd" at it`,
+          config.skopeoCmd ?? DEFAULT_SKOPEO_CMD,
+          { cause: err },
+        );
+      }
+      throw err;
+    }
+    const proxy = new ImageProxy(transport, version);
+    if (config.policy !== undefined && !versionAtLeast(version, POLICY_VERSION)) {
+      await proxy.shutdown().catch(() => {});
+      throw new ConfigurationError(
+        `Option "policy" cannot be honoured: this proxy speaks protocol ${version}, which does not enforce ` +
+          `signature policy (protocol ${POLICY_VERSION}, skopeo 1.13 or newer, does); install a newer skopeo`,
+      );
+    }
+    return proxy;
+  }
+
+  static async #initialize(transport: Transport): Promise<string> {
+    const packet = encodeRequest("Initialize", []);
+    let received;
+    try {
+      received = await raceExit(transport, transport.request(packet));
+    } catch (err) {
+      throw await exitedError(transport, err, "The image proxy exited before it was initialized");
+    }
+    closeAll(transport, received.fds);
+    const reply = decodeReply("Initialize", received.data);
+    if (!reply.success) throw new RequestError("Initialize", reply.error, reply.errorCode);
+    if (received.fds.length !== 0 || reply.pipeid !== 0) {
+      throw new ProtocolError("Reply to Initialize carried file descriptors");
+    }
+    const version = expectString("Initialize", reply.value);
+    if (!parseVersion(version)) throw new ProtocolError(`Proxy announced an invalid version "${version}"`);
+    if (!versionAtLeast(version, BASE_PROTOCOL_VERSION)) {
+      throw new ProxyTooOldError(version, BASE_PROTOCOL_VERSION);
+    }
+    return version;
+  }
+
+  /** The proxy's process id (for diagnostics). */
+  get pid(): number | undefined {
+    return this.#transport.pid;
+  }
+
+  /** Whether the proxy speaks `method`; every method name is the protocol's. */
+  supports(method: Method): boolean {
+    return versionAtLeast(this.protocolVersion, METHOD_VERSIONS[method]);
+  }
+
+  /**
+   * Opens an image.
+   *
+   * @param reference `TRANSPORT:NAME` (a string or an {@linkcode ImageReference}).
+   * @throws {InvalidReferenceError} for a malformed reference, {@linkcode RequestError} when it cannot be opened.
+   */
+  async openImage(reference: ImageReferenceLike): Promise<OpenedImage> {
+    const ref = toImageReference(reference);
+    const { reply } = await this.#call("OpenImage", [ref.toSkopeo()], "none", `"${ref}"`);
+    const id = expectInteger("OpenImage", reply.value);
+    if (id === 0) throw new ProtocolError("OpenImage returned the image id 0");
+    return new OpenedImage(id, ref);
+  }
+
+  /**
+   * Opens an image, or returns `null` when it does not exist. Needs protocol 0.2.4.
+   */
+  async openImageOptional(reference: ImageReferenceLike): Promise<OpenedImage | null> {
+    const ref = toImageReference(reference);
+    const { reply } = await this.#call("OpenImageOptional", [ref.toSkopeo()], "none", `"${ref}"`);
+    const id = expectInteger("OpenImageOptional", reply.value);
+    return id === 0 ? null : new OpenedImage(id, ref);
+  }
+
+  /** Closes an image; the handle is unusable afterwards. */
+  async closeImage(image: OpenedImage): Promise<void> {
+    this.#checkImage(image);
+    image.markClosed();
+    await this.#call("CloseImage", [image.id], "none");
+  }
+
+  /**
+   * Fetches the image's manifest, as OCI, and the digest of the manifest as stored.
+   *
+   * For a multi-arch image the proxy has already picked the instance for its platform (or the
+   * `override*` options): `digest` is that instance manifest's digest, not the index's. Pull-by-digest
+   * callers who expect the index digest must not compare against it.
+   */
+  async fetchManifestRaw(image: OpenedImage): Promise<{ digest: string; raw: Uint8Array }> {
+    this.#checkImage(image);
+    const { reply, fds } = await this.#call("GetManifest", [image.id], "pipe");
+    let digest: string;
+    try {
+      digest = expectString("GetManifest", reply.value);
+    } catch (err) {
+      await this.#discardPipe(fds[0], reply.pipeid);
+      throw err;
+    }
+    const raw = await this.#readPayload("GetManifest", fds[0], reply.pipeid);
+    return { digest, raw };
+  }
+
+  /** {@linkcode ImageProxy.fetchManifestRaw}, parsed. */
+  async fetchManifest(image: OpenedImage): Promise<{ digest: string; manifest: ImageManifest }> {
+    const { digest, raw } = await this.fetchManifestRaw(image);
+    return { digest, manifest: checkManifest(parseJson("GetManifest", raw)) };
+  }
+
+  /**
+   * Fetches the full image configuration as the proxy re-serializes it. Its bytes differ from the
+   * config blob: to match the manifest's config digest, fetch `manifest.config` with `getDescriptor`.
+   */
+  async fetchConfigRaw(image: OpenedImage): Promise<Uint8Array> {
+    this.#checkImage(image);
+    const { reply, fds } = await this.#call("GetFullConfig", [image.id], "pipe");
+    return await this.#readPayload("GetFullConfig", fds[0], reply.pipeid);
+  }
+
+  /** {@linkcode ImageProxy.fetchConfigRaw}, parsed. */
+  async fetchConfig(image: OpenedImage): Promise<ImageConfiguration> {
+    return checkConfiguration(parseJson("GetFullConfig", await this.fetchConfigRaw(image)));
+  }
+
+  /**
+   * Fetches only the `config` member of the image configuration (the protocol's `GetConfig`, kept for
+   * completeness; {@linkcode ImageProxy.fetchConfig} returns the whole configuration).
+   */
+  async fetchRuntimeConfig(image: OpenedImage): Promise<RuntimeConfig> {
+    this.#checkImage(image);
+    const { reply, fds } = await this.#call("GetConfig", [image.id], "pipe");
+    const raw = await this.#readPayload("GetConfig", fds[0], reply.pipeid);
+    return parseJson("GetConfig", raw) as RuntimeConfig;
+  }
+
+  /**
+   * Describes the layers to fetch (digest, size, media type). Uses `GetLayerInfoPiped` from protocol
+   * 0.2.7, `GetLayerInfo` on 0.2.5 and 0.2.6, and returns `null` on older proxies.
+   */
+  async getLayerInfo(image: OpenedImage): Promise<ConvertedLayerInfo[] | null> {
+    this.#checkImage(image);
+    if (this.supports("GetLayerInfoPiped")) {
+      const { reply, fds } = await this.#call("GetLayerInfoPiped", [image.id], "pipe");
+      const raw = await this.#readPayload("GetLayerInfoPiped", fds[0], reply.pipeid);
+      return checkLayerInfo(parseJson("GetLayerInfoPiped", raw));
+    }
+    if (this.supports("GetLayerInfo")) {
+      const { reply } = await this.#call("GetLayerInfo", [image.id], "none");
+      return checkLayerInfo(reply.value);
+    }
+    return null;
+  }
+
+  /**
+   * Streams a blob, verified by the proxy: the stream closes only after the proxy confirmed that
+   * exactly `size` bytes with the right digest were sent.
+   *
+   * @throws {BlobError} when the proxy reports a different size.
+   */
+  async getBlob(
+    image: OpenedImage,
+    digest: string,
+    size: number,
+    options: BlobOptions = {},
+  ): Promise<BlobReader> {
+    this.#checkImage(image);
+    checkDigest(digest);
+    if (!Number.isSafeInteger(size) || size < 0) {
+      throw new RangeError(`Blob size must be a non-negative integer, got ${size}`);
+    }
+    options.signal?.throwIfAborted();
+    const { reply, fds } = await this.#call("GetBlob", [image.id, digest, size], "pipe");
+    const [fd] = fds;
+    let serverSize: number;
+    try {
+      serverSize = expectInteger("GetBlob", reply.value, true);
+      if (serverSize >= 0 && serverSize !== size) {
+        throw new BlobError(
+          `Blob ${digest} has ${serverSize} bytes, but ${size} were expected`,
+          digest,
+          false,
+        );
+      }
+      options.signal?.throwIfAborted();
+    } catch (err) {
+      await this.#discardPipe(fd, reply.pipeid);
+      throw err;
+    }
+    const stream = this.#verifiedStream(fd, reply.pipeid, digest, size, serverSize < 0, options.signal);
+    return { size, stream };
+  }
+
+  /** {@linkcode ImageProxy.getBlob} for a descriptor from a manifest. */
+  getDescriptor(image: OpenedImage, descriptor: Descriptor, options: BlobOptions = {}): Promise<BlobReader> {
+    return this.getBlob(image, descriptor.digest, descriptor.size, options);
+  }
+
+  /**
+   * Streams a blob with `GetRawBlob` (protocol 0.2.8): the proxy does not hash, this client verifies
+   * size and digest as the bytes go by. The stream closes only when both matched.
+   */
+  async getRawBlob(image: OpenedImage, digest: string, options: BlobOptions = {}): Promise<BlobReader> {
+    this.#checkImage(image);
+    checkDigest(digest);
+    const algorithm = digest.slice(0, digest.indexOf(":"));
+    const hasher = createHasher(algorithm, this.#transport.createHasher?.bind(this.#transport));
+    if (!hasher) {
+      throw new BlobError(`Cannot verify ${digest}: no ${algorithm} implementation`, digest, false);
+    }
+    options.signal?.throwIfAborted();
+    const { reply, fds } = await this.#call("GetRawBlob", [image.id, digest], "dual");
+    const [dataFd, errorFd] = fds;
+    let size: number;
+    try {
+      size = expectInteger("GetRawBlob", reply.value, true);
+      options.signal?.throwIfAborted();
+    } catch (err) {
+      closeAll(this.#transport, fds);
+      throw err;
+    }
+    return { size, stream: this.#rawStream(dataFd, errorFd, digest, size, hasher, options.signal) };
+  }
+
+  /**
+   * Sends `Shutdown`, waits for skopeo to exit and releases everything. Open streams error; later
+   * calls fail with {@linkcode ProxyClosedError}. Idempotent.
+   *
+   * @throws {ProxyExitedError} when skopeo exited with a failure status.
+   */
+  shutdown(): Promise<void> {
+    this.#shutdown ??= this.#doShutdown();
+    return this.#shutdown;
+  }
+
+  async #doShutdown(): Promise<void> {
+    this.#closedError = new ProxyClosedError();
+    for (const abort of [...this.#openStreams]) abort();
+    const transport = this.#transport;
+    if (this.#exit === undefined) {
+      // Shutdown goes after the request on the wire, if any, but never waits long for it.
+      const sent = this.#queue.then(() => transport.send(encodeRequest("Shutdown", [])));
+      await Promise.race([sent.then(() => transport.exited), transport.exited, delay(SHUTDOWN_GRACE_MS)])
+        .catch(() => {});
+    }
+    const exit = await transport.close(SHUTDOWN_GRACE_MS);
+    if (exit.killed) return;
+    if (exit.code !== 0) throw new ProxyExitedError(exit, exit.stderrTail, "The image proxy failed");
+  }
+
+  /** Same as {@linkcode ImageProxy.shutdown}; what `await using` calls. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.shutdown();
+  }
+
+  #checkImage(image: OpenedImage): void {
+    if (!(image instanceof OpenedImage)) {
+      throw new TypeError("Expected an OpenedImage returned by openImage");
+    }
+    if (image.closed) throw new ProxyClosedError(`Image "${image.reference}" has been closed`);
+  }
+
+  /** Queues one request; resolves with its validated reply and the fds it carried. */
+  #call(method: Method, args: unknown[], shape: FdShape, context?: string): Promise<Received> {
+    if (this.#closedError) return Promise.reject(this.#closedError);
+    if (!this.supports(method)) {
+      return Promise.reject(
+        new UnsupportedMethodError(method, METHOD_VERSIONS[method], this.protocolVersion),
+      );
+    }
+    let packet: Uint8Array;
+    try {
+      packet = encodeRequest(method, args);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    const run = async (): Promise<Received> => {
+      if (this.#exit) throw exitError(this.#exit);
+      let received;
+      try {
+        received = await raceExit(this.#transport, this.#transport.request(packet));
+      } catch (err) {
+        throw await exitedError(this.#transport, err);
+      }
+      return validateReply(this.#transport, method, received.data, received.fds, shape, context);
+    };
+    const result = this.#queue.then(run, run);
+    this.#queue = result.catch(() => {});
+    return result;
+  }
+
+  /** Settles a pipe the caller will not read: close our end, then let the server finish it. */
+  async #discardPipe(fd: number, pipeid: number): Promise<void> {
+    this.#transport.closeFd(fd);
+    await this.#call("FinishPipe", [pipeid], "none").catch(() => {});
+  }
+
+  /** Reads a small pipe to the end while FinishPipe waits for the server's writer. */
+  async #readPayload(method: Method, fd: number, pipeid: number): Promise<Uint8Array> {
+    const stream = this.#transport.openStream(fd);
+    const finished = this.#call("FinishPipe", [pipeid], "none", `for ${method}`);
+    const chunks: Uint8Array[] = [];
+    let length = 0;
+    let readError: unknown;
+    try {
+      for await (const chunk of stream) {
+        length += chunk.length;
+        if (length > MAX_PAYLOAD) throw new ProtocolError(`${method} sent more than ${MAX_PAYLOAD} bytes`);
+        chunks.push(chunk);
+      }
+    } catch (err) {
+      readError = err;
+    }
+    try {
+      await finished;
+    } catch (err) {
+      throw err instanceof RequestError ? new RequestError(method, err.serverMessage, err.errorCode) : err;
+    }
+    if (readError) throw readError;
+    return concat(chunks, length);
+  }
+
+  /** A GetBlob stream: `size` bytes, then FinishPipe's verdict decides between close and error. */
+  #verifiedStream(
+    fd: number,
+    pipeid: number,
+    digest: string,
+    size: number,
+    sizeUnknown: boolean,
+    signal: AbortSignal | undefined,
+  ): ReadableStream<Uint8Array> {
+    const reader = this.#transport.openStream(fd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
+    let received = 0;
+    let finish: Promise<void> | undefined;
+    let settled = false;
+    // The server's writer holds the pipe until FinishPipe; send it as soon as no more data is due (or
+    // at once when the size is unknown), while still draining so that a writer with extra bytes ends.
+    const startFinish = () => {
+      finish ??= this.#call("FinishPipe", [pipeid], "none").then(() => {});
+      return finish;
+    };
+    const serverVerdict = async (): Promise<void> => {
+      const extra = drain(reader);
+      try {
+        await startFinish();
+      } catch (err) {
+        await extra.catch(() => {});
+        throw blobFailure(err, digest);
+      }
+      if ((await extra) > 0) {
+        throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
+      }
+    };
+    const cleanUp = (): void => {
+      if (settled) return;
+      settled = true;
+      this.#openStreams.delete(abortForShutdown);
+      signal?.removeEventListener("abort", onAbort);
+      reader.cancel().catch(() => {});
+      startFinish().catch(() => {});
+    };
+    let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
+    const onAbort = () => {
+      cleanUp();
+      controllerRef?.error(signal?.reason);
+    };
+    const abortForShutdown = () => {
+      cleanUp();
+      try {
+        controllerRef?.error(
+          new ProxyClosedError(`The image proxy was shut down while blob ${digest} was open`),
+        );
+      } catch { /* already closed */ }
+    };
+    this.#openStreams.add(abortForShutdown);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    if (sizeUnknown) startFinish().catch(() => {});
+    return new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        controllerRef = controller;
+      },
+      pull: async (controller) => {
+        try {
+          if (received === size) {
+            await serverVerdict();
+            settled = true;
+            this.#openStreams.delete(abortForShutdown);
+            signal?.removeEventListener("abort", onAbort);
+            controller.close();
+            return;
+          }
+          const { done, value } = await reader.read();
+          if (settled) return;
+          if (done) throw await this.#earlyEnd(digest, received, size, startFinish);
+          if (received + value.length > size) {
+            throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
+          }
+          received += value.length;
+          controller.enqueue(value);
+          if (received === size) {
+            await serverVerdict();
+            settled = true;
+            this.#openStreams.delete(abortForShutdown);
+            signal?.removeEventListener("abort", onAbort);
+            controller.close();
+          }
+        } catch (err) {
+          if (settled) return;
+          cleanUp();
+          throw err;
+        }
+      },
+      cancel: () => {
+        cleanUp();
+      },
+    }, { highWaterMark: 0 });
+  }
+
+  /** Explains a pipe that ended before `size` bytes: the proxy died, or the server gave up. */
+  async #earlyEnd(
+    digest: string,
+    received: number,
+    size: number,
+    startFinish: () => Promise<void>,
+  ): Promise<ImageProxyError> {
+    const exit = this.#exit ?? await Promise.race([this.#transport.exited, delay(200)]);
+    if (exit) return exitError(exit);
+    try {
+      await startFinish();
+    } catch (err) {
+      return blobFailure(err, digest);
+    }
+    return new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
+  }
+
+  /** A GetRawBlob stream: hash and count locally, then read the error pipe for the server's verdict. */
+  #rawStream(
+    dataFd: number,
+    errorFd: number,
+    digest: string,
+    size: number,
+    hasher: { update(data: Uint8Array): void; hexDigest(): string },
+    signal: AbortSignal | undefined,
+  ): ReadableStream<Uint8Array> {
+    const transport = this.#transport;
+    const reader = transport.openStream(dataFd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
+    const errors = transport.openStream(errorFd);
+    let errorsTaken = false;
+    const readErrors = async (): Promise<{ code?: string; message?: string } | undefined> => {
+      errorsTaken = true;
+      const text = new TextDecoder().decode(await collect(errors, 1 << 20));
+      if (text.trim() === "") return undefined;
+      try {
+        const parsed = JSON.parse(text);
+        if (typeof parsed === "object" && parsed !== null) return parsed;
+      } catch { /* fall through */ }
+      return { code: "other", message: text.trim() };
+    };
+    let received = 0;
+    let settled = false;
+    const expected = digest.slice(digest.indexOf(":") + 1);
+    let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
+    const cleanUp = () => {
+      if (settled) return;
+      settled = true;
+      this.#openStreams.delete(abortForShutdown);
+      signal?.removeEventListener("abort", onAbort);
+      reader.cancel().catch(() => {});
+      // The server reports EPIPE on the error pipe after an early close; read it only to close it.
+      if (!errorsTaken) readErrors().catch(() => {});
+    };
+    const onAbort = () => {
+      cleanUp();
+      controllerRef?.error(signal?.reason);
+    };
+    const abortForShutdown = () => {
+      cleanUp();
+      try {
+        controllerRef?.error(
+          new ProxyClosedError(`The image proxy was shut down while blob ${digest} was open`),
+        );
+      } catch { /* already closed */ }
+    };
+    this.#openStreams.add(abortForShutdown);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    return new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        controllerRef = controller;
+      },
+      pull: async (controller) => {
+        try {
+          const { done, value } = await reader.read();
+          if (settled) return;
+          if (!done) {
+            received += value.length;
+            if (size >= 0 && received > size) {
+              throw new BlobError(`Blob ${digest} has more than the ${size} bytes announced`, digest, false);
+            }
+            hasher.update(value);
+            controller.enqueue(value);
+            return;
+          }
+          const failure = await readErrors();
+          if (failure) {
+            if (this.#exit) throw exitError(this.#exit);
+            const code = failure.code === "retryable"
+              ? "retryable"
+              : failure.code === "EPIPE"
+              ? "EPIPE"
+              : "other";
+            throw new BlobError(
+              `Fetching blob ${digest} failed: ${failure.message ?? "unknown error"}`,
+              digest,
+              code === "retryable",
+              { cause: new RequestError("GetRawBlob", failure.message ?? "", code) },
+            );
+          }
+          if (size >= 0 && received !== size) {
+            const exit = this.#exit ?? await Promise.race([transport.exited, delay(200)]);
+            if (exit) throw exitError(exit);
+            throw new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
+          }
+          const actual = hasher.hexDigest();
+          if (actual !== expected) {
+            throw new BlobError(
+              `Blob ${digest} is corrupted: its content has the digest ${
+                digest.slice(0, digest.indexOf(":") + 1)
+              }${actual}`,
+              digest,
+              false,
+            );
+          }
+          settled = true;
+          this.#openStreams.delete(abortForShutdown);
+          signal?.removeEventListener("abort", onAbort);
+          controller.close();
+        } catch (err) {
+          if (settled) return;
+          cleanUp();
+          throw err;
+        }
+      },
+      cancel: () => cleanUp(),
+    }, { highWaterMark: 0 });
+  }
+}
+
+/** Validates a reply's shape; closes every fd on any failure. */
+function validateReply(
+  transport: Transport,
+  method: Method,
+  data: Uint8Array,
+  fds: number[],
+  shape: FdShape,
+  context: string | undefined,
+): Received {
+  try {
+    const reply = decodeReply(method, data);
+    if (!reply.success) throw new RequestError(method, reply.error, reply.errorCode, context);
+    const expected = shape === "none" ? 0 : shape === "pipe" ? 1 : 2;
+    if (fds.length !== expected) {
+      throw new ProtocolError(
+        `Reply to ${method} carried ${fds.length} file descriptors, expected ${expected}`,
+      );
+    }
+    if (shape === "pipe" ? reply.pipeid === 0 : reply.pipeid !== 0) {
+      throw new ProtocolError(
+        `Reply to ${method} has pipeid ${reply.pipeid}, expected ${
+          shape === "pipe" ? "a non-zero one" : "0"
+        }`,
+      );
+    }
+    return { reply, fds };
+  } catch (err) {
+    closeAll(transport, fds);
+    throw err;
+  }
+}
+
+function closeAll(transport: Transport, fds: number[]): void {
+  for (const fd of fds) transport.closeFd(fd);
+}
+
+function checkDigest(digest: string): void {
+  const problem = typeof digest === "string" ? digestProblem(digest) : "a digest is a string";
+  if (problem) throw new RangeError(`Invalid digest: ${problem}`);
+}
+
+function parseJson(method: Method, raw: Uint8Array): unknown {
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(raw));
+  } catch (cause) {
+    throw new ProtocolError(`${method} returned data that is not valid JSON`, { cause });
+  }
+}
+
+function concat(chunks: Uint8Array[], length: number): Uint8Array {
+  if (chunks.length === 1) return chunks[0];
+  const out = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return out;
+}
+
+async function collect(stream: ReadableStream<Uint8Array>, limit: number): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  let length = 0;
+  for await (const chunk of stream) {
+    length += chunk.length;
+    if (length > limit) throw new ProtocolError(`Error pipe sent more than ${limit} bytes`);
+    chunks.push(chunk);
+  }
+  return concat(chunks, length);
+}
+
+/** Reads a stream to its end, counting and discarding what arrives. */
+async function drain(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<number> {
+  let extra = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return extra;
+    extra += value.length;
+  }
+}
+
+function blobFailure(err: unknown, digest: string): ImageProxyError {
+  if (err instanceof RequestError) {
+    return new BlobError(
+      `Blob ${digest} failed verification by the proxy: ${err.serverMessage}`,
+      digest,
+      err.retryable,
+      { cause: err },
+    );
+  }
+  return err instanceof ImageProxyError ? err : new ImageProxyError(String(err), { cause: err });
+}
+
+function exitError(exit: ChildExit): ProxyExitedError {
+  return new ProxyExitedError(exit, exit.stderrTail);
+}
+
+function delay(ms: number): Promise<undefined> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(undefined), ms);
+    // Deno and Bun both give timers an unref(); a pending delay must not keep the program alive.
+    (timer as unknown as { unref?: () => void }).unref?.();
+  });
+}
+
+/** Races a transport operation against the child's exit; a late reply's fds are closed. */
+async function raceExit<T extends { fds: number[] }>(
+  transport: Transport,
+  operation: Promise<T>,
+): Promise<T> {
+  const exited = transport.exited.then((exit) => ({ exit }));
+  const result = await Promise.race([operation.then((value) => ({ value })), exited]);
+  if ("value" in result) return result.value;
+  // The child is gone: a reply may still be in the socket; take it if it is complete.
+  const late = await Promise.race([operation.then((value) => ({ value }), () => undefined), delay(50)]);
+  if (late && "value" in late) return late.value;
+  operation.then((value) => closeAll(transport, value.fds), () => {});
+  throw exitError(result.exit);
+}
+
+/** Turns a transport failure into the error a caller should see. */
+async function exitedError(transport: Transport, err: unknown, context?: string): Promise<ImageProxyError> {
+  if (err instanceof ImageProxyError) return err;
+  const exit = await Promise.race([transport.exited, delay(EXIT_WAIT_MS)]);
+  if (exit) return new ProxyExitedError(exit, exit.stderrTail, context);
+  return new ProtocolError(`Lost the connection to the image proxy: ${(err as Error)?.message ?? err}`, {
+    cause: err,
+  });
+}

@@ -1,0 +1,5 @@
+export const bunTransport: import("../transport.ts").TransportFactory = {
+  spawn() {
+    throw new Error("Bun adapter not written yet");
+  },
+};

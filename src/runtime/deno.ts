@@ -1,0 +1,352 @@
+/**
+ * The Deno adapter: libc through `Deno.dlopen` for the socketpair, SCM_RIGHTS and pipe reads, and
+ * `Deno.Command` for the child. Blocking calls (`recvmsg`, `read`) run as nonblocking FFI calls on
+ * Deno's blocking thread pool, so the event loop stays free while skopeo works.
+ *
+ * Permissions: `--allow-ffi` (libc), `--allow-run` (skopeo), `--allow-env` (reading
+ * `CONTAINERS_IMAGE_PROXY_DEBUG`; the child inherits the environment).
+ *
+ * @module
+ * @tags allow-ffi, allow-run, allow-env
+ */
+
+import { createHash } from "node:crypto";
+import { SpawnError } from "../errors.ts";
+import type {
+  ChildExit,
+  FdStreamOptions,
+  Hasher,
+  ReceivedPacket,
+  SpawnRequest,
+  Transport,
+  TransportFactory,
+} from "../transport.ts";
+import {
+  AF_UNIX,
+  cmsgSpaceForFds,
+  F_GETFD,
+  F_SETFD,
+  F_SETPIPE_SZ,
+  FD_CLOEXEC,
+  IOVEC_SIZE,
+  MFD_CLOEXEC,
+  MSG_CMSG_CLOEXEC,
+  MSG_CTRUNC,
+  MSG_NOSIGNAL,
+  MSG_TRUNC,
+  MSGHDR_SIZE,
+  packMsghdr,
+  parseScmRights,
+  readMsghdr,
+  resetMsghdr,
+  SHUT_RDWR,
+  SOCK_CLOEXEC,
+  SOCK_SEQPACKET,
+  TailBuffer,
+} from "./libc.ts";
+
+const SYMBOLS = {
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize", nonblocking: true },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  close: { parameters: ["i32"], result: "i32" },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+} as const;
+
+type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let libc: Libc | undefined;
+function loadLibc(): Libc {
+  libc ??= Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+  return libc;
+}
+
+/** Replies larger than this are a protocol error; GetLayerInfo on 400 layers is about 60 KB. */
+const REPLY_BUFFER_SIZE = 1 << 20;
+/** Room for more fds than any reply carries, so that extra ones are seen (and closed), not lost. */
+const MAX_FDS = 16;
+/** Read size for small payload pipes; blob pipes read up to their (grown) pipe size. */
+const SMALL_READ = 64 * 1024;
+
+function setCloexec(lib: Libc, fd: number, on: boolean): void {
+  const flags = lib.fcntl(fd, F_GETFD, 0);
+  lib.fcntl(fd, F_SETFD, on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC);
+}
+
+class DenoTransport implements Transport {
+  readonly exited: Promise<ChildExit>;
+  readonly pid: number;
+  readonly #lib: Libc;
+  readonly #child: Deno.ChildProcess;
+  #socket: number;
+  readonly #data = new Uint8Array(REPLY_BUFFER_SIZE);
+  readonly #control = new Uint8Array(cmsgSpaceForFds(MAX_FDS));
+  readonly #msghdr = new Uint8Array(MSGHDR_SIZE);
+  readonly #iovec = new Uint8Array(IOVEC_SIZE);
+  #receiving = false;
+  #killed = false;
+
+  constructor(lib: Libc, child: Deno.ChildProcess, socket: number, stderr: TailBuffer | undefined) {
+    this.#lib = lib;
+    this.#child = child;
+    this.#socket = socket;
+    this.pid = child.pid;
+    packMsghdr(
+      new DataView(this.#msghdr.buffer),
+      new DataView(this.#iovec.buffer),
+      BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#iovec))),
+      {
+        address: BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#data))),
+        length: this.#data.length,
+      },
+      {
+        address: BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#control))),
+        length: this.#control.length,
+      },
+    );
+    const stderrDone = stderr ? pumpStderr(child.stderr, stderr) : Promise.resolve();
+    this.exited = child.status.then(async (status) => {
+      // stderr may be held open by a grandchild; do not wait for it long.
+      await Promise.race([stderrDone, new Promise((r) => setTimeout(r, 200))]);
+      return {
+        code: status.signal ? null : status.code,
+        signal: status.signal ?? null,
+        stderrTail: stderr?.text() ?? "",
+        killed: this.#killed,
+      };
+    });
+    // An idle proxy must not keep the program alive: skopeo exits when our end of the socket closes.
+    child.unref();
+  }
+
+  async request(packet: Uint8Array): Promise<ReceivedPacket> {
+    await this.send(packet);
+    return await this.#receive();
+  }
+
+  send(packet: Uint8Array): Promise<void> {
+    if (this.#socket < 0) return Promise.reject(new Error("The socket is closed"));
+    const sent = Number(this.#lib.send(this.#socket, packet, BigInt(packet.length), MSG_NOSIGNAL));
+    if (sent !== packet.length) return Promise.reject(new Error("Sending to the image proxy failed"));
+    return Promise.resolve();
+  }
+
+  async #receive(): Promise<ReceivedPacket> {
+    if (this.#receiving) throw new Error("Concurrent receive on the proxy socket");
+    this.#receiving = true;
+    try {
+      for (let attempt = 0;; attempt++) {
+        if (this.#socket < 0) throw new Error("The socket is closed");
+        resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
+        const n = Number(await this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC));
+        if (n < 0) {
+          // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
+          if (attempt < 3) continue;
+          throw new Error("Receiving from the image proxy failed");
+        }
+        const header = readMsghdr(new DataView(this.#msghdr.buffer));
+        const fds = parseScmRights(this.#control, header.controlLength);
+        if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
+        if (header.flags & (MSG_TRUNC | MSG_CTRUNC)) {
+          for (const fd of fds) this.closeFd(fd);
+          throw new Error(
+            header.flags & MSG_TRUNC
+              ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
+              : "Reply carried more file descriptors than expected",
+          );
+        }
+        return { data: this.#data.slice(0, n), fds };
+      }
+    } finally {
+      this.#receiving = false;
+    }
+  }
+
+  openStream(fd: number, options: FdStreamOptions = {}): ReadableStream<Uint8Array> {
+    const lib = this.#lib;
+    let readSize = SMALL_READ;
+    if (options.pipeSize) {
+      const size = lib.fcntl(fd, F_SETPIPE_SZ, options.pipeSize);
+      if (size > 0) readSize = size;
+    }
+    let reading = false;
+    let closed = false;
+    const close = () => {
+      if (closed) return;
+      closed = true;
+      lib.close(fd);
+    };
+    return new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        const buffer = new Uint8Array(readSize);
+        reading = true;
+        let n: number;
+        try {
+          n = Number(await lib.read(fd, buffer, BigInt(buffer.length)));
+          if (n < 0 && !closed) n = Number(await lib.read(fd, buffer, BigInt(buffer.length)));
+        } finally {
+          reading = false;
+        }
+        if (closed) {
+          // Cancelled while the read was pending: the close was left to us.
+          lib.close(fd);
+          return;
+        }
+        if (n < 0) {
+          close();
+          controller.error(new Error(`Reading pipe fd ${fd} failed`));
+          return;
+        }
+        if (n === 0) {
+          close();
+          controller.close();
+          return;
+        }
+        // Hand the buffer over without copying when it is mostly full; copy small reads.
+        controller.enqueue(n * 2 >= buffer.length ? buffer.subarray(0, n) : buffer.slice(0, n));
+      },
+      cancel() {
+        if (reading) closed = true; // the pending read closes it when it returns
+        else close();
+      },
+    }, { highWaterMark: 1 });
+  }
+
+  closeFd(fd: number): void {
+    this.#lib.close(fd);
+  }
+
+  createHasher(algorithm: string): Hasher | undefined {
+    if (algorithm !== "sha256" && algorithm !== "sha512") return undefined;
+    const hash = createHash(algorithm);
+    return {
+      update: (data) => void hash.update(data),
+      hexDigest: () => hash.digest("hex"),
+    };
+  }
+
+  async close(graceMs = 2000): Promise<ChildExit> {
+    if (this.#socket >= 0) {
+      // shutdown() wakes a recvmsg blocked on another thread and shows skopeo end of file at once.
+      this.#lib.shutdown(this.#socket, SHUT_RDWR);
+      if (!this.#receiving) {
+        this.#lib.close(this.#socket);
+        this.#socket = -1;
+      } else {
+        const socket = this.#socket;
+        this.#socket = -1;
+        // The pending recvmsg returns 0 after shutdown(); close once it has.
+        const wait = async () => {
+          while (this.#receiving) await new Promise((r) => setTimeout(r, 1));
+          this.#lib.close(socket);
+        };
+        wait();
+      }
+    }
+    const timeout = (ms: number) => new Promise<undefined>((r) => setTimeout(() => r(undefined), ms));
+    let exit = await Promise.race([this.exited, timeout(graceMs)]);
+    if (!exit) {
+      this.#killed = true;
+      this.#kill("SIGTERM");
+      exit = await Promise.race([this.exited, timeout(1000)]);
+      if (!exit) this.#kill("SIGKILL");
+      exit = await this.exited;
+    }
+    return exit;
+  }
+
+  #kill(signal: Deno.Signal): void {
+    try {
+      this.#child.kill(signal);
+    } catch { /* already gone */ }
+  }
+}
+
+async function pumpStderr(stream: ReadableStream<Uint8Array>, tail: TailBuffer): Promise<void> {
+  try {
+    for await (const chunk of stream) tail.push(chunk);
+  } catch { /* the child is gone */ }
+}
+
+function spawnSync(request: SpawnRequest): Transport {
+  const lib = loadLibc();
+  const pair = new Int32Array(2);
+  if (lib.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) !== 0) {
+    throw new SpawnError("socketpair(AF_UNIX, SOCK_SEQPACKET) failed", []);
+  }
+  const [ours, theirs] = pair;
+  let authfd: number | undefined;
+  const inherited = [theirs];
+  try {
+    if (request.authData) {
+      authfd = lib.memfd_create(new TextEncoder().encode("containers-auth.json\0"), MFD_CLOEXEC);
+      if (authfd < 0) throw new SpawnError("memfd_create failed: cannot pass the auth data", []);
+      inherited.push(authfd);
+      let offset = 0;
+      while (offset < request.authData.length) {
+        const chunk = request.authData.subarray(offset);
+        const n = Number(lib.write(authfd, chunk, BigInt(chunk.length)));
+        if (n <= 0) throw new SpawnError("Writing the auth data to its memfd failed", []);
+        offset += n;
+      }
+    }
+    const argv = request.argv({ sockfd: theirs, authfd });
+    let child: Deno.ChildProcess;
+    // Deno.Command has no way to map fds, but a child inherits every fd without FD_CLOEXEC. Clearing
+    // it, spawning and closing happen in one synchronous run, so no other spawn from this thread can
+    // inherit the fds in between.
+    for (const fd of inherited) setCloexec(lib, fd, false);
+    try {
+      child = new Deno.Command(argv[0], {
+        args: argv.slice(1),
+        env: request.env,
+        stdin: "null",
+        stdout: "null",
+        stderr: request.debug ? "inherit" : "piped",
+      }).spawn();
+    } catch (err) {
+      const hint = argv[0] === "setpriv" ? " (setpriv is in util-linux)" : "";
+      throw new SpawnError(
+        `Cannot start "${argv[0]}"${hint}: ${(err as Error).message}. Install skopeo (Debian/Ubuntu: ` +
+          `"apt-get install skopeo", Fedora: "dnf install skopeo") or set "skopeoCmd"`,
+        argv,
+        { cause: err },
+      );
+    } finally {
+      for (const fd of inherited) setCloexec(lib, fd, true);
+    }
+    return new DenoTransport(lib, child, ours, request.debug ? undefined : new TailBuffer());
+  } catch (err) {
+    lib.close(ours);
+    throw err;
+  } finally {
+    lib.close(theirs);
+    if (authfd !== undefined) lib.close(authfd);
+  }
+}
+
+/**
+ * The Deno transport factory; {@linkcode ImageProxy.spawn} picks it automatically under Deno.
+ *
+ * @example Passing it explicitly
+ * ```ts ignore
+ * import { ImageProxy } from "../../mod.ts";
+ * import { denoTransport } from "./deno.ts";
+ * await using proxy = await ImageProxy.spawn({ transport: denoTransport });
+ * console.log(proxy.protocolVersion);
+ * ```
+ */
+export const denoTransport: TransportFactory = {
+  spawn: (request) => {
+    try {
+      return Promise.resolve(spawnSync(request));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  },
+  env: (name) => Deno.env.get(name),
+};

@@ -1,0 +1,119 @@
+/**
+ * What every test file shares, whichever runtime runs it: the two real skopeo servers, fd counting,
+ * and the rule that under `CI=true` a missing dependency fails instead of skipping.
+ */
+
+import { execFileSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+/** The project root. */
+export const ROOT: string = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** The runtime running the tests. */
+export const RUNTIME: "bun" | "deno" = "Bun" in globalThis ? "bun" : "deno";
+
+/** Whether this is a CI run, where nothing may be skipped for lack of a dependency. */
+export const IN_CI: boolean = process.env.CI === "true";
+
+/** One real skopeo to test against. */
+export interface Server {
+  /** `skopeo 1.9.3`, `skopeo 1.22.0`. */
+  name: string;
+  /** The `skopeoCmd` that starts it, bound to our lifetime with setpriv. */
+  skopeoCmd: string[];
+  /** The protocol version it speaks. */
+  protocol: string;
+  /** The binary itself (for `skopeo copy` and friends). */
+  binary: string[];
+}
+
+function probe(binary: string[]): string | undefined {
+  try {
+    const out = execFileSync(binary[0], [...binary.slice(1), "--version"], { encoding: "utf8", stdio: "pipe" });
+    return /version (\S+)/.exec(out)?.[1];
+  } catch {
+    return undefined;
+  }
+}
+
+const candidates: { binary: string[]; protocol: string }[] = [
+  { binary: [process.env.SKOPEO_OLD ?? "skopeo"], protocol: "0.2.3" },
+  { binary: [process.env.SKOPEO_NEW ?? join(ROOT, ".tools", "bin", "skopeo-1.22")], protocol: "0.2.8" },
+];
+
+/** The servers found on this machine. Under CI both must be present (`.ci/setup` installs them). */
+export const SERVERS: Server[] = candidates.flatMap(({ binary, protocol }) => {
+  const version = probe(binary);
+  if (!version) {
+    if (IN_CI) throw new Error(`skopeo for protocol ${protocol} is missing (${binary.join(" ")}): run .ci/setup`);
+    console.warn(`Skipping protocol ${protocol} tests: ${binary.join(" ")} is not installed (run .ci/setup)`);
+    return [];
+  }
+  return [{
+    name: `skopeo ${version}`,
+    skopeoCmd: ["setpriv", "--pdeathsig", "SIGTERM", "--", ...binary],
+    protocol,
+    binary,
+  }];
+});
+
+/** The newest server (protocol 0.2.8) or undefined. */
+export const NEW_SERVER: Server | undefined = SERVERS.find((s) => s.protocol === "0.2.8");
+/** The oldest server (protocol 0.2.3) or undefined. */
+export const OLD_SERVER: Server | undefined = SERVERS.find((s) => s.protocol === "0.2.3");
+
+/** The open fds of this process, as `fd -> target`. */
+export function openFds(): Map<number, string> {
+  const fds = new Map<number, string>();
+  for (const name of readdirSync("/proc/self/fd")) {
+    try {
+      fds.set(Number(name), readlinkSync(`/proc/self/fd/${name}`));
+    } catch { /* the fd used by readdir itself */ }
+  }
+  return fds;
+}
+
+/** Pipes, sockets and memfds opened since `before` (the kinds the library handles). */
+export function leakedFds(before: Map<number, string>): string[] {
+  const leaked: string[] = [];
+  for (const [fd, target] of openFds()) {
+    if (before.get(fd) === target) continue;
+    if (/^(pipe|socket|anon_inode|\/memfd)/.test(target)) leaked.push(`${fd} -> ${target}`);
+  }
+  return leaked;
+}
+
+/** Waits until `check` is true, polling; fails after `ms`. Never a fixed sleep. */
+export async function waitFor(check: () => boolean, ms: number, what: string): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`Timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** Asserts that no fd of the library's kinds leaked; waits briefly for deferred closes. */
+export async function assertNoLeakedFds(before: Map<number, string>): Promise<void> {
+  const deadline = Date.now() + 2000;
+  let leaked = leakedFds(before);
+  while (leaked.length > 0 && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 20));
+    leaked = leakedFds(before);
+  }
+  if (leaked.length > 0) throw new Error(`Leaked file descriptors:\n${leaked.join("\n")}`);
+}
+
+/** Whether process `pid` still exists (and is not a zombie). */
+export function processAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return !/\) Z /.test(stat);
+  } catch {
+    return false;
+  }
+}
+
+/** Whether a file exists (re-exported for tests that need nothing else from node:fs). */
+export { existsSync };

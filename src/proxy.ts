@@ -41,7 +41,12 @@ import {
   type Reply,
   versionAtLeast,
 } from "./protocol.ts";
-import { digestProblem, type ImageReference, type ImageReferenceLike, toImageReference } from "./reference.ts";
+import {
+  digestProblem,
+  type ImageReference,
+  type ImageReferenceLike,
+  toImageReference,
+} from "./reference.ts";
 import { defaultTransportFactory } from "./runtime/detect.ts";
 import type { ChildExit, Transport } from "./transport.ts";
 
@@ -835,11 +840,7 @@ function exitError(exit: ChildExit): ProxyExitedError {
 }
 
 function delay(ms: number): Promise<undefined> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => resolve(undefined), ms);
-    // Deno and Bun both give timers an unref(); a pending delay must not keep the program alive.
-    (timer as unknown as { unref?: () => void }).unref?.();
-  });
+  return new Promise((resolve) => setTimeout(() => resolve(undefined), ms));
 }
 
 /** Races a transport operation against the child's exit; a late reply's fds are closed. */

@@ -72,6 +72,21 @@ const MAX_FDS = 16;
 /** Read size for small payload pipes; blob pipes read up to their (grown) pipe size. */
 const SMALL_READ = 64 * 1024;
 
+/**
+ * Deno does not count a pending nonblocking FFI call as work that keeps the program alive, so a
+ * program awaiting only a reply would exit. A ref'd timer is held while any such call is pending.
+ */
+let pendingCalls = 0;
+let keepAlive: ReturnType<typeof setInterval> | undefined;
+async function whilePending<T>(call: Promise<T>): Promise<T> {
+  if (pendingCalls++ === 0) keepAlive = setInterval(() => {}, 1 << 30);
+  try {
+    return await call;
+  } finally {
+    if (--pendingCalls === 0) clearInterval(keepAlive);
+  }
+}
+
 function setCloexec(lib: Libc, fd: number, on: boolean): void {
   const flags = lib.fcntl(fd, F_GETFD, 0);
   lib.fcntl(fd, F_SETFD, on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC);
@@ -142,7 +157,7 @@ class DenoTransport implements Transport {
       for (let attempt = 0;; attempt++) {
         if (this.#socket < 0) throw new Error("The socket is closed");
         resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
-        const n = Number(await this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC));
+        const n = Number(await whilePending(this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC)));
         if (n < 0) {
           // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
           if (attempt < 3) continue;
@@ -186,8 +201,8 @@ class DenoTransport implements Transport {
         reading = true;
         let n: number;
         try {
-          n = Number(await lib.read(fd, buffer, BigInt(buffer.length)));
-          if (n < 0 && !closed) n = Number(await lib.read(fd, buffer, BigInt(buffer.length)));
+          n = Number(await whilePending(lib.read(fd, buffer, BigInt(buffer.length))));
+          if (n < 0 && !closed) n = Number(await whilePending(lib.read(fd, buffer, BigInt(buffer.length))));
         } finally {
           reading = false;
         }
@@ -230,6 +245,8 @@ class DenoTransport implements Transport {
   }
 
   async close(graceMs = 2000): Promise<ChildExit> {
+    // Someone now waits for the exit: let the child keep the program alive until it has happened.
+    this.#child.ref();
     if (this.#socket >= 0) {
       // shutdown() wakes a recvmsg blocked on another thread and shows skopeo end of file at once.
       this.#lib.shutdown(this.#socket, SHUT_RDWR);

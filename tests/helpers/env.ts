@@ -4,7 +4,7 @@
  */
 
 import { execFileSync } from "node:child_process";
-import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { existsSync, readdirSync, readlinkSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -31,7 +31,10 @@ export interface Server {
 
 function probe(binary: string[]): string | undefined {
   try {
-    const out = execFileSync(binary[0], [...binary.slice(1), "--version"], { encoding: "utf8", stdio: "pipe" });
+    const out = execFileSync(binary[0], [...binary.slice(1), "--version"], {
+      encoding: "utf8",
+      stdio: "pipe",
+    });
     return /version (\S+)/.exec(out)?.[1];
   } catch {
     return undefined;
@@ -47,7 +50,9 @@ const candidates: { binary: string[]; protocol: string }[] = [
 export const SERVERS: Server[] = candidates.flatMap(({ binary, protocol }) => {
   const version = probe(binary);
   if (!version) {
-    if (IN_CI) throw new Error(`skopeo for protocol ${protocol} is missing (${binary.join(" ")}): run .ci/setup`);
+    if (IN_CI) {
+      throw new Error(`skopeo for protocol ${protocol} is missing (${binary.join(" ")}): run .ci/setup`);
+    }
     console.warn(`Skipping protocol ${protocol} tests: ${binary.join(" ")} is not installed (run .ci/setup)`);
     return [];
   }
@@ -64,15 +69,44 @@ export const NEW_SERVER: Server | undefined = SERVERS.find((s) => s.protocol ===
 /** The oldest server (protocol 0.2.3) or undefined. */
 export const OLD_SERVER: Server | undefined = SERVERS.find((s) => s.protocol === "0.2.3");
 
+type ReadlinkLib = { readlink(path: Uint8Array, buf: Uint8Array, size: bigint): number | bigint };
+let denoLibc: ReadlinkLib | undefined;
+
+/** readlink(2) through FFI: Deno guards /proc/self even from --allow-read, but not from --allow-ffi. */
+function readlinkFfi(path: string): string | undefined {
+  const Deno = (globalThis as unknown as {
+    Deno?: { dlopen: (name: string, symbols: object) => { symbols: ReadlinkLib } };
+  })
+    .Deno!;
+  denoLibc ??= Deno.dlopen("libc.so.6", {
+    readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
+  }).symbols;
+  const buf = new Uint8Array(4096);
+  const n = Number(denoLibc.readlink(new TextEncoder().encode(path + "\0"), buf, BigInt(buf.length)));
+  return n < 0 ? undefined : new TextDecoder().decode(buf.subarray(0, n));
+}
+
 /** The open fds of this process, as `fd -> target`. */
 export function openFds(): Map<number, string> {
   const fds = new Map<number, string>();
+  if (RUNTIME === "deno") {
+    for (let fd = 0; fd < 1024; fd++) {
+      const target = readlinkFfi(`/proc/self/fd/${fd}`);
+      if (target !== undefined) fds.set(fd, target);
+    }
+    return fds;
+  }
   for (const name of readdirSync("/proc/self/fd")) {
     try {
       fds.set(Number(name), readlinkSync(`/proc/self/fd/${name}`));
     } catch { /* the fd used by readdir itself */ }
   }
   return fds;
+}
+
+/** Reads a /proc file of another process (Deno guards /proc from --allow-read; `cat` is not). */
+export function readProcFile(path: string): string {
+  return execFileSync("cat", [path], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
 }
 
 /** Pipes, sockets and memfds opened since `before` (the kinds the library handles). */
@@ -105,11 +139,15 @@ export async function assertNoLeakedFds(before: Map<number, string>): Promise<vo
   if (leaked.length > 0) throw new Error(`Leaked file descriptors:\n${leaked.join("\n")}`);
 }
 
-/** Whether process `pid` still exists (and is not a zombie). */
+/** Whether process `pid` still exists (a reaped child does not). */
 export function processAlive(pid: number): boolean {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return !/\) Z /.test(stat);
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  try {
+    return !/\) Z /.test(readProcFile(`/proc/${pid}/stat`));
   } catch {
     return false;
   }

@@ -129,7 +129,7 @@ export function writeImage(layout: string, layerEntries: TarEntry[][], architect
     const raw = tar(entries);
     const gz = gzipSync(raw, { level: 6 });
     const info = writeBlob(layout, gz, "application/vnd.oci.image.layer.v1.tar+gzip");
-    return { ...info, data: gz, diffId: sha256(raw) };
+    return { ...info, data: new Uint8Array(gz), diffId: sha256(raw) };
   });
   const configJson = JSON.stringify({
     created: "2024-01-01T00:00:00Z",
@@ -208,7 +208,7 @@ const CONVERTER = "skopeo";
 /** Builds the fixtures once into a per-runtime folder and returns where they are. */
 export function buildFixtures(): Fixtures {
   const runtime = "Bun" in globalThis ? "bun" : "deno";
-  const root = join(tmpdir(), `cip-fixtures-${runtime}-v1`);
+  const root = join(tmpdir(), `cip-fixtures-${runtime}-v2`);
   const stamp = join(root, "ready.json");
   if (existsSync(stamp)) return JSON.parse(readFileSync(stamp, "utf8"), reviveBytes);
   const building = `${root}.build-${process.pid}`;

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""A scripted stand-in for `skopeo experimental-image-proxy`, for protocol edge cases only.
+
+It speaks the real wire format on the inherited SOCK_SEQPACKET socket (`--sockfd N`) and misbehaves
+as the FAKE_SCENARIO environment variable says. Real behaviour is tested against real skopeo.
+"""
+import json
+import os
+import socket
+import sys
+import time
+
+scenario = os.environ.get("FAKE_SCENARIO", "normal")
+version = os.environ.get("FAKE_VERSION", "0.2.8")
+argv = sys.argv[1:]
+sockfd = int(argv[argv.index("--sockfd") + 1]) if "--sockfd" in argv else 0
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=sockfd)
+# Let replies larger than the default socket buffer through (root only; best effort).
+try:
+    sock.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE
+except OSError:
+    pass
+
+if scenario == "exit-at-start":
+    sys.stderr.write("fake-skopeo: refusing to start\n")
+    sys.exit(3)
+
+
+def reply(value=None, success=True, error="", pipeid=0, fds=(), raw=None):
+    data = raw if raw is not None else json.dumps(
+        {"success": success, "value": value, "pipeid": pipeid, "error": error}
+    ).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def pipe_with(content):
+    r, w = os.pipe()
+    os.write(w, content)
+    return r, w
+
+
+pending = []  # write ends kept open until FinishPipe, as the real server does
+while True:
+    try:
+        msg = sock.recv(1 << 16)
+    except ConnectionResetError:
+        break
+    if not msg:
+        break
+    req = json.loads(msg)
+    method, args = req["method"], req["args"]
+    if method == "Initialize":
+        reply(version)
+        continue
+    if method == "Shutdown":
+        break
+    if method == "FinishPipe":
+        for w in pending:
+            os.close(w)
+        pending.clear()
+        reply(None)
+        continue
+    if scenario == "slow" and method == "OpenImage":
+        time.sleep(float(os.environ.get("FAKE_DELAY", "1.5")))
+        reply(1)
+    elif scenario == "hang" and method == "OpenImage":
+        time.sleep(3600)
+    elif scenario == "nonjson" and method == "OpenImage":
+        reply(raw=b"this is not json {")
+    elif scenario == "wrongtype" and method == "OpenImage":
+        reply("one")
+    elif scenario == "extrafds" and method == "OpenImage":
+        r1, w1 = pipe_with(b"x")
+        r2, w2 = pipe_with(b"y")
+        reply(1, fds=[r1, r2])
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+    elif scenario == "missingfd" and method == "GetManifest":
+        reply("sha256:" + "0" * 64, pipeid=7)
+    elif scenario == "nopipeid" and method == "GetManifest":
+        r, w = pipe_with(b"{}")
+        reply("sha256:" + "0" * 64, pipeid=0, fds=[r])
+        os.close(r)
+        os.close(w)
+    elif scenario == "oversized" and method == "OpenImage":
+        reply(raw=json.dumps({"success": True, "value": 1, "pad": "x" * (2 << 20)}).encode())
+    elif scenario == "biglayers" and method == "GetLayerInfo":
+        layers = [
+            {"digest": "sha256:%064x" % i, "size": 1000 + i, "media_type": "application/vnd.oci.image.layer.v1.tar+gzip"}
+            for i in range(400)
+        ]
+        reply(layers)
+    elif scenario == "badlayers" and method == "GetLayerInfo":
+        reply([{"digest": 5, "size": "big"}])
+    elif scenario == "failed" and method == "OpenImage":
+        sock.send(json.dumps({"success": False, "value": None, "pipeid": 0, "error": "no such image",
+                              "error_code": "other"}).encode())
+    elif scenario == "die-mid-request" and method == "OpenImage":
+        sys.stderr.write("fake-skopeo: dying in the middle of OpenImage\n")
+        sys.stderr.flush()
+        os._exit(7)
+    elif scenario == "die-mid-blob" and method == "GetBlob":
+        r, w = os.pipe()
+        os.write(w, b"z" * 1000)
+        reply(int(args[2]), pipeid=w, fds=[r])
+        os.close(r)
+        sys.stderr.write("fake-skopeo: dying in the middle of a blob\n")
+        sys.stderr.flush()
+        os._exit(9)
+    elif method == "OpenImage" or method == "OpenImageOptional":
+        reply(1)
+    elif method == "CloseImage":
+        reply(None)
+    elif method == "GetBlob":
+        # Declares the requested size but writes FAKE_BLOB_BYTES bytes.
+        n = int(os.environ.get("FAKE_BLOB_BYTES", str(int(args[2]))))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                os.write(w, b"b" * n)
+            except OSError:
+                pass
+            os._exit(0)
+        reply(int(args[2]), pipeid=w, fds=[r])
+        os.close(r)
+        pending.append(w)
+    else:
+        reply(success=False, error="fake: unsupported method " + method)

@@ -46,6 +46,7 @@ export type { Method } from "./src/protocol.ts";
 export type {
   ConvertedLayerInfo,
   Descriptor,
+  HistoryEntry,
   ImageConfiguration,
   ImageIndex,
   ImageManifest,

@@ -8,73 +8,123 @@ import { ProtocolError } from "./errors.ts";
 
 /** An OCI content descriptor. */
 export interface Descriptor {
+  /** The media type of the referenced content. */
   mediaType: string;
+  /** The content's digest (`sha256:<hex>`). */
   digest: string;
+  /** The content's size in bytes. */
   size: number;
+  /** Other places the content may be downloaded from. */
   urls?: string[];
+  /** Arbitrary metadata. */
   annotations?: Record<string, string>;
+  /** The platform of a manifest referenced from an index. */
   platform?: Platform;
+  /** The artifact type of an artifact manifest. */
   artifactType?: string;
 }
 
 /** The platform an image or index entry is for. */
 export interface Platform {
+  /** CPU architecture (`amd64`, `arm64`, ...). */
   architecture: string;
+  /** Operating system (`linux`, ...). */
   os: string;
+  /** Operating system version (Windows). */
   "os.version"?: string;
+  /** Required operating system features. */
   "os.features"?: string[];
+  /** CPU variant (`v8`, ...). */
   variant?: string;
 }
 
 /** An OCI image manifest (the proxy converts Docker schema 2 manifests to this form). */
 export interface ImageManifest {
+  /** Always 2. */
   schemaVersion: 2;
+  /** `application/vnd.oci.image.manifest.v1+json` when present. */
   mediaType?: string;
+  /** The artifact type, for artifacts. */
   artifactType?: string;
+  /** The image configuration blob. */
   config: Descriptor;
+  /** The layer blobs, base first. */
   layers: Descriptor[];
+  /** The manifest this one refers to (referrers API). */
   subject?: Descriptor;
+  /** Arbitrary metadata. */
   annotations?: Record<string, string>;
 }
 
 /** An OCI image index (used when writing an OCI layout). */
 export interface ImageIndex {
+  /** Always 2. */
   schemaVersion: 2;
+  /** `application/vnd.oci.image.index.v1+json` when present. */
   mediaType?: string;
+  /** The manifests the index lists. */
   manifests: Descriptor[];
+  /** Arbitrary metadata. */
   annotations?: Record<string, string>;
 }
 
 /** The execution parameters of an image configuration (`config` field); what `GetConfig` returns. */
 export interface RuntimeConfig {
+  /** User (and group) the process runs as. */
   User?: string;
+  /** Ports to expose, as `"80/tcp": {}`. */
   ExposedPorts?: Record<string, Record<string, never>>;
+  /** Environment, as `NAME=value`. */
   Env?: string[];
+  /** The entrypoint command. */
   Entrypoint?: string[] | null;
+  /** Default arguments. */
   Cmd?: string[] | null;
+  /** Volume mount points, as `"/data": {}`. */
   Volumes?: Record<string, Record<string, never>>;
+  /** Working directory. */
   WorkingDir?: string;
+  /** Labels. */
   Labels?: Record<string, string>;
+  /** The signal that stops the container. */
   StopSignal?: string;
+  /** Fields this type does not name. */
   [key: string]: unknown;
+}
+
+/** One entry of an image configuration's history. */
+export interface HistoryEntry {
+  /** When the layer was created. */
+  created?: string;
+  /** Who created it. */
+  author?: string;
+  /** The command that created it. */
+  created_by?: string;
+  /** A comment. */
+  comment?: string;
+  /** Whether the step created no layer. */
+  empty_layer?: boolean;
 }
 
 /** A full OCI image configuration, as `GetFullConfig` returns it. */
 export interface ImageConfiguration {
+  /** When the image was created. */
   created?: string;
+  /** Who created it. */
   author?: string;
+  /** CPU architecture. */
   architecture: string;
+  /** Operating system. */
   os: string;
+  /** CPU variant. */
   variant?: string;
+  /** Execution parameters. */
   config?: RuntimeConfig;
+  /** The uncompressed layer digests (`diff_ids`), base first. */
   rootfs: { type: string; diff_ids: string[] };
-  history?: {
-    created?: string;
-    author?: string;
-    created_by?: string;
-    comment?: string;
-    empty_layer?: boolean;
-  }[];
+  /** How each layer was made. */
+  history?: HistoryEntry[];
+  /** Fields this type does not name. */
   [key: string]: unknown;
 }
 

@@ -45,11 +45,14 @@ const KNOWN_DIGESTS: Record<string, RegExp> = {
 
 /** Checks a digest string (`sha256:<64 hex>`); returns the reason it is not one, or `undefined`. */
 export function digestProblem(digest: string): string | undefined {
-  if (!DIGEST_RE.test(digest)) return `"${digest}" is not a digest (ALGORITHM:HEX)`;
-  const [algorithm, hex] = digest.split(":", 2);
-  const shape = KNOWN_DIGESTS[algorithm];
-  if (shape && !shape.test(hex)) return `"${digest}" is not a valid ${algorithm} digest`;
-  return undefined;
+  const colon = digest.indexOf(":");
+  const shape = KNOWN_DIGESTS[digest.slice(0, colon)];
+  if (shape) {
+    return shape.test(digest.slice(colon + 1))
+      ? undefined
+      : `"${digest}" is not a valid ${digest.slice(0, colon)} digest`;
+  }
+  return DIGEST_RE.test(digest) ? undefined : `"${digest}" is not a digest (ALGORITHM:HEX)`;
 }
 
 /** Returns the reason `name` is not a docker reference (`[DOMAIN/]PATH[:TAG][@DIGEST]`), or `undefined`. */

@@ -49,7 +49,7 @@ function sha256(data: Uint8Array): string {
 /** Runs `body` with a fresh proxy on `server`, then checks shutdown, the child's exit and fd leaks. */
 async function withProxy(
   server: Server,
-  body: (proxy: ImageProxy) => Promise<void>,
+  body: (proxy: ImageProxy) => Promise<void> | void,
   config: Parameters<typeof ImageProxy.spawn>[0] = {},
 ): Promise<void> {
   const before = openFds();
@@ -69,7 +69,7 @@ for (const server of SERVERS) {
   const modern = server.protocol === "0.2.8";
 
   test(`spawn reports protocol ${server.protocol} ${at}`, async () => {
-    await withProxy(server, async (proxy) => {
+    await withProxy(server, (proxy) => {
       assert.equal(proxy.protocolVersion, server.protocol);
       assert.equal(typeof proxy.pid, "number");
       assert.ok(processAlive(proxy.pid!));

@@ -11,7 +11,7 @@
  */
 
 import { createHash } from "node:crypto";
-import { SpawnError } from "../errors.ts";
+import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
   FdStreamOptions,
@@ -168,7 +168,7 @@ class DenoTransport implements Transport {
         if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
         if (header.flags & (MSG_TRUNC | MSG_CTRUNC)) {
           for (const fd of fds) this.closeFd(fd);
-          throw new Error(
+          throw new ProtocolError(
             header.flags & MSG_TRUNC
               ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
               : "Reply carried more file descriptors than expected",
@@ -365,5 +365,9 @@ export const denoTransport: TransportFactory = {
       return Promise.reject(err);
     }
   },
-  env: (name) => Deno.env.get(name),
+  env: (name) => {
+    // Without --allow-env the variable is simply not set, as far as we can know.
+    if (Deno.permissions.querySync({ name: "env", variable: name }).state !== "granted") return undefined;
+    return Deno.env.get(name);
+  },
 };

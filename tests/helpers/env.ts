@@ -53,6 +53,7 @@ export const SERVERS: Server[] = candidates.flatMap(({ binary, protocol }) => {
     if (IN_CI) {
       throw new Error(`skopeo for protocol ${protocol} is missing (${binary.join(" ")}): run .ci/setup`);
     }
+    // deno-lint-ignore no-console
     console.warn(`Skipping protocol ${protocol} tests: ${binary.join(" ")} is not installed (run .ci/setup)`);
     return [];
   }

@@ -22,8 +22,8 @@
 
 export { ImageProxy, OpenedImage } from "./src/proxy.ts";
 export type { BlobOptions, BlobReader } from "./src/proxy.ts";
-export { DEFAULT_SKOPEO_CMD, skopeoArgv } from "./src/config.ts";
-export type { ImageProxyConfig } from "./src/config.ts";
+export { DEFAULT_BLOB_IDLE_TIMEOUT_MS, DEFAULT_SKOPEO_CMD, skopeoArgv } from "./src/config.ts";
+export type { ImageProxyConfig, RetryPolicy } from "./src/config.ts";
 export {
   BlobError,
   ConfigurationError,
@@ -35,6 +35,7 @@ export {
   ProxyExitedError,
   ProxyTooOldError,
   RequestError,
+  RequestTimeoutError,
   SpawnError,
   UnsupportedMethodError,
 } from "./src/errors.ts";

@@ -58,10 +58,78 @@ export interface ImageProxyConfig {
   /** Extra environment for the child. */
   env?: Record<string, string>;
   /**
+   * Fail a request that gets no answer within this many milliseconds with a `RequestTimeoutError`,
+   * and stop the proxy (its answer would arrive out of turn). Off (0) by default: opening an image on
+   * a slow registry can legitimately take minutes.
+   */
+  requestTimeoutMs?: number;
+  /**
+   * Error a blob stream that receives no byte for this many milliseconds while a read is waiting (a
+   * registry that stalls mid-blob hangs skopeo forever). The error is a retryable `BlobError`.
+   * Default 120000; 0 turns it off. `BlobOptions.idleTimeoutMs` overrides it per blob.
+   */
+  blobIdleTimeoutMs?: number;
+  /**
+   * Retry transient failures with exponential backoff: `openImage`/`openImageOptional` failures the
+   * proxy marks retryable (or that name a 5xx status or a network error), and `getRawBlob` copies whose
+   * error pipe says `retryable` (resumed transparently; the digest still covers every byte). Digest
+   * mismatches are never retried. Off by default.
+   */
+  retry?: RetryPolicy;
+  /**
    * How to start the proxy: the runtime's adapter by default (picked automatically), or an injected
    * factory (a scripted peer in tests, a custom runtime).
    */
   transport?: TransportFactory;
+}
+
+/** How to retry transient failures (see `ImageProxyConfig.retry`). */
+export interface RetryPolicy {
+  /** Total attempts, the first included (at least 1). */
+  attempts: number;
+  /** Delay before the first retry; it doubles each time. Default 200 ms. */
+  initialDelayMs?: number;
+  /** Upper bound of the delay. Default 5000 ms. */
+  maxDelayMs?: number;
+}
+
+/** The checked numeric and retry settings of a config. */
+export interface Timeouts {
+  requestTimeoutMs: number;
+  blobIdleTimeoutMs: number;
+  retry: Required<RetryPolicy>;
+}
+
+/** The default `blobIdleTimeoutMs`. */
+export const DEFAULT_BLOB_IDLE_TIMEOUT_MS = 120_000;
+
+function checkMs(value: unknown, field: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+    throw new ConfigurationError(`Option "${field}" must be a non-negative number of milliseconds`);
+  }
+  return value;
+}
+
+/** Validates the timeout and retry options and fills in defaults. */
+export function timeouts(config: ImageProxyConfig): Timeouts {
+  const retry = config.retry;
+  if (retry !== undefined && (typeof retry !== "object" || retry === null)) {
+    throw new ConfigurationError('Option "retry" must be an object like { attempts: 3 }');
+  }
+  const attempts = retry?.attempts ?? 1;
+  if (!Number.isInteger(attempts) || attempts < 1) {
+    throw new ConfigurationError('Option "retry.attempts" must be an integer of at least 1');
+  }
+  return {
+    requestTimeoutMs: checkMs(config.requestTimeoutMs, "requestTimeoutMs", 0),
+    blobIdleTimeoutMs: checkMs(config.blobIdleTimeoutMs, "blobIdleTimeoutMs", DEFAULT_BLOB_IDLE_TIMEOUT_MS),
+    retry: {
+      attempts,
+      initialDelayMs: checkMs(retry?.initialDelayMs, "retry.initialDelayMs", 200),
+      maxDelayMs: checkMs(retry?.maxDelayMs, "retry.maxDelayMs", 5000),
+    },
+  };
 }
 
 /** The default command prefix: util-linux `setpriv` makes the kernel send SIGTERM to skopeo when we die. */

@@ -159,6 +159,24 @@ export class BlobError extends ImageProxyError {
   }
 }
 
+/**
+ * The proxy did not answer a request within `requestTimeoutMs`. The proxy is stopped at that point
+ * (a late reply would be taken for the answer to the next request), so later calls fail too.
+ */
+export class RequestTimeoutError extends ImageProxyError {
+  /** The protocol method that got no answer. */
+  readonly method: string;
+  /** The timeout that expired, in milliseconds. */
+  readonly timeoutMs: number;
+  /** Creates the error for `method`, unanswered after `timeoutMs`. */
+  constructor(method: string, timeoutMs: number) {
+    super(`${method} got no answer within ${timeoutMs} ms: the image proxy was stopped`);
+    this.name = "RequestTimeoutError";
+    this.method = method;
+    this.timeoutMs = timeoutMs;
+  }
+}
+
 /** The proxy was shut down, or the image was closed, before the call. */
 export class ProxyClosedError extends ImageProxyError {
   /** Creates the error. */

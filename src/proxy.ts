@@ -5,7 +5,16 @@
  * @module
  */
 
-import { authDataBytes, DEFAULT_SKOPEO_CMD, envFlag, type ImageProxyConfig, skopeoArgv } from "./config.ts";
+import {
+  authDataBytes,
+  DEFAULT_SKOPEO_CMD,
+  envFlag,
+  type ImageProxyConfig,
+  type RetryPolicy,
+  skopeoArgv,
+  type Timeouts,
+  timeouts,
+} from "./config.ts";
 import {
   BlobError,
   ConfigurationError,
@@ -15,6 +24,7 @@ import {
   ProxyExitedError,
   ProxyTooOldError,
   RequestError,
+  RequestTimeoutError,
   SpawnError,
   UnsupportedMethodError,
 } from "./errors.ts";
@@ -48,7 +58,7 @@ import {
   toImageReference,
 } from "./reference.ts";
 import { defaultTransportFactory } from "./runtime/detect.ts";
-import type { ChildExit, Transport } from "./transport.ts";
+import type { ChildExit, Hasher, ReceivedPacket, Transport } from "./transport.ts";
 
 /** The fds a reply must carry. */
 type FdShape = "none" | "pipe" | "dual";
@@ -103,6 +113,8 @@ export interface BlobReader {
 export interface BlobOptions {
   /** Aborting closes the pipe, settles the server side and errors the stream with the reason. */
   signal?: AbortSignal;
+  /** Overrides the proxy's `blobIdleTimeoutMs` for this blob (0: wait forever). */
+  idleTimeoutMs?: number;
 }
 
 interface Received {
@@ -138,10 +150,12 @@ export class ImageProxy implements AsyncDisposable {
   #shutdown: Promise<void> | undefined;
   #closedError: ImageProxyError | undefined;
   readonly #openStreams = new Set<() => void>();
+  readonly #timeouts: Timeouts;
 
-  private constructor(transport: Transport, protocolVersion: string) {
+  private constructor(transport: Transport, protocolVersion: string, settings: Timeouts) {
     this.#transport = transport;
     this.protocolVersion = protocolVersion;
+    this.#timeouts = settings;
     transport.exited.then((exit) => {
       this.#exit = exit;
     });
@@ -161,6 +175,7 @@ export class ImageProxy implements AsyncDisposable {
     const factory = config.transport ?? await defaultTransportFactory();
     const debug = config.debug ?? envFlag(factory.env?.("CONTAINERS_IMAGE_PROXY_DEBUG"));
     const authData = authDataBytes(config.authData);
+    const settings = timeouts(config);
     // Validate everything before anything is started.
     skopeoArgv(config, { sockfd: 3, authfd: authData ? 4 : undefined }, { debug });
     if (config.env !== undefined) {
@@ -204,7 +219,7 @@ export class ImageProxy implements AsyncDisposable {
       }
       throw err;
     }
-    const proxy = new ImageProxy(transport, version);
+    const proxy = new ImageProxy(transport, version, settings);
     if (config.policy !== undefined && !versionAtLeast(version, POLICY_VERSION)) {
       await proxy.shutdown().catch(() => {});
       throw new ConfigurationError(
@@ -255,7 +270,9 @@ export class ImageProxy implements AsyncDisposable {
    */
   async openImage(reference: ImageReferenceLike): Promise<OpenedImage> {
     const ref = toImageReference(reference);
-    const { reply } = await this.#call("OpenImage", [ref.toSkopeo()], "none", `"${ref}"`);
+    const { reply } = await this.#withRetry(() =>
+      this.#call("OpenImage", [ref.toSkopeo()], "none", `"${ref}"`)
+    );
     const id = expectInteger("OpenImage", reply.value);
     if (id === 0) throw new ProtocolError("OpenImage returned the image id 0");
     return new OpenedImage(id, ref);
@@ -266,7 +283,9 @@ export class ImageProxy implements AsyncDisposable {
    */
   async openImageOptional(reference: ImageReferenceLike): Promise<OpenedImage | null> {
     const ref = toImageReference(reference);
-    const { reply } = await this.#call("OpenImageOptional", [ref.toSkopeo()], "none", `"${ref}"`);
+    const { reply } = await this.#withRetry(() =>
+      this.#call("OpenImageOptional", [ref.toSkopeo()], "none", `"${ref}"`)
+    );
     const id = expectInteger("OpenImageOptional", reply.value);
     return id === 0 ? null : new OpenedImage(id, ref);
   }
@@ -384,7 +403,7 @@ export class ImageProxy implements AsyncDisposable {
       await this.#discardPipe(fd, reply.pipeid);
       throw err;
     }
-    const stream = this.#verifiedStream(fd, reply.pipeid, digest, size, serverSize < 0, options.signal);
+    const stream = this.#verifiedStream(fd, reply.pipeid, digest, size, serverSize < 0, options);
     return { size, stream };
   }
 
@@ -416,7 +435,7 @@ export class ImageProxy implements AsyncDisposable {
       closeAll(this.#transport, fds);
       throw err;
     }
-    return { size, stream: this.#rawStream(dataFd, errorFd, digest, size, hasher, options.signal) };
+    return { size, stream: this.#rawStream(image, { dataFd, errorFd, size }, digest, hasher, options) };
   }
 
   /**
@@ -474,8 +493,9 @@ export class ImageProxy implements AsyncDisposable {
     const run = async (): Promise<Received> => {
       if (this.#exit) throw exitError(this.#exit);
       let received;
+      const request = this.#transport.request(packet);
       try {
-        received = await raceExit(this.#transport, this.#transport.request(packet));
+        received = await raceExit(this.#transport, this.#withTimeout(method, request));
       } catch (err) {
         throw await exitedError(this.#transport, err);
       }
@@ -484,6 +504,28 @@ export class ImageProxy implements AsyncDisposable {
     const result = this.#queue.then(run, run);
     this.#queue = result.catch(() => {});
     return result;
+  }
+
+  /** Applies `requestTimeoutMs`: an unanswered request stops the proxy, whose answer would come out of turn. */
+  async #withTimeout(method: Method, request: Promise<ReceivedPacket>): Promise<ReceivedPacket> {
+    const ms = this.#timeouts.requestTimeoutMs;
+    if (ms <= 0) return await request;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const expired = new Promise<"expired">((resolve) => {
+      timer = setTimeout(() => resolve("expired"), ms);
+    });
+    try {
+      const result = await Promise.race([request, expired]);
+      if (result !== "expired") return result;
+    } finally {
+      clearTimeout(timer);
+    }
+    request.then((late) => closeAll(this.#transport, late.fds), () => {});
+    const error = new RequestTimeoutError(method, ms);
+    this.#closedError ??= error;
+    for (const abort of [...this.#openStreams]) abort();
+    this.#transport.close(0).catch(() => {});
+    throw error;
   }
 
   /** Settles a pipe the caller will not read: close our end, then let the server finish it. */
@@ -517,6 +559,58 @@ export class ImageProxy implements AsyncDisposable {
     return concat(chunks, length);
   }
 
+  /**
+   * The lifecycle every blob stream shares: abort signal, shutdown, cancellation, and exactly one
+   * `release` call that tells how the stream ended, so the server side is settled exactly once.
+   */
+  #guardedStream(
+    digest: string,
+    signal: AbortSignal | undefined,
+    step: (controller: ReadableStreamDefaultController<Uint8Array>) => Promise<Step>,
+    release: (how: "done" | "failed" | "cancelled") => void,
+  ): ReadableStream<Uint8Array> {
+    let settled = false;
+    let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
+    const settle = (how: "done" | "failed" | "cancelled"): boolean => {
+      if (settled) return false;
+      settled = true;
+      this.#openStreams.delete(onShutdown);
+      signal?.removeEventListener("abort", onAbort);
+      release(how);
+      return true;
+    };
+    const fail = (err: unknown) => {
+      if (!settle("failed")) return;
+      try {
+        controllerRef?.error(err);
+      } catch { /* already closed */ }
+    };
+    const onAbort = () => fail(signal?.reason);
+    const onShutdown = () =>
+      fail(new ProxyClosedError(`The image proxy was shut down while blob ${digest} was open`));
+    this.#openStreams.add(onShutdown);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    return new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        controllerRef = controller;
+      },
+      pull: async (controller) => {
+        if (settled) return;
+        try {
+          // A pull that enqueues nothing is not called again: go on until a chunk or the end.
+          let result: Step;
+          do result = await step(controller); while (result === "again" && !settled);
+          if (result === "done" && settle("done")) controller.close();
+        } catch (err) {
+          if (settle("failed")) throw err;
+        }
+      },
+      cancel: () => {
+        settle("cancelled");
+      },
+    }, { highWaterMark: 0 });
+  }
+
   /** A GetBlob stream: `size` bytes, then FinishPipe's verdict decides between close and error. */
   #verifiedStream(
     fd: number,
@@ -524,18 +618,20 @@ export class ImageProxy implements AsyncDisposable {
     digest: string,
     size: number,
     sizeUnknown: boolean,
-    signal: AbortSignal | undefined,
+    options: BlobOptions,
   ): ReadableStream<Uint8Array> {
+    const idleMs = options.idleTimeoutMs ?? this.#timeouts.blobIdleTimeoutMs;
     const reader = this.#transport.openStream(fd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
     let received = 0;
+    let stalled = false;
     let finish: Promise<void> | undefined;
-    let settled = false;
-    // The server's writer holds the pipe until FinishPipe; send it as soon as no more data is due (or
-    // at once when the size is unknown), while still draining so that a writer with extra bytes ends.
+    // The server's writer holds the pipe until FinishPipe, and FinishPipe holds the server until the
+    // writer is done: send it only once no more data is due (at once when the size is unknown).
     const startFinish = () => {
       finish ??= this.#call("FinishPipe", [pipeid], "none").then(() => {});
       return finish;
     };
+    // Keep draining while FinishPipe is pending, so that a writer with extra bytes can finish.
     const serverVerdict = async (): Promise<void> => {
       const extra = drain(reader);
       try {
@@ -548,69 +644,34 @@ export class ImageProxy implements AsyncDisposable {
         throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
       }
     };
-    const cleanUp = (): void => {
-      if (settled) return;
-      settled = true;
-      this.#openStreams.delete(abortForShutdown);
-      signal?.removeEventListener("abort", onAbort);
-      reader.cancel().catch(() => {});
-      startFinish().catch(() => {});
-    };
-    let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
-    const onAbort = () => {
-      cleanUp();
-      controllerRef?.error(signal?.reason);
-    };
-    const abortForShutdown = () => {
-      cleanUp();
-      try {
-        controllerRef?.error(
-          new ProxyClosedError(`The image proxy was shut down while blob ${digest} was open`),
-        );
-      } catch { /* already closed */ }
-    };
-    this.#openStreams.add(abortForShutdown);
-    signal?.addEventListener("abort", onAbort, { once: true });
     if (sizeUnknown) startFinish().catch(() => {});
-    return new ReadableStream<Uint8Array>({
-      start: (controller) => {
-        controllerRef = controller;
-      },
-      pull: async (controller) => {
-        try {
-          if (received === size) {
-            await serverVerdict();
-            settled = true;
-            this.#openStreams.delete(abortForShutdown);
-            signal?.removeEventListener("abort", onAbort);
-            controller.close();
-            return;
-          }
-          const { done, value } = await reader.read();
-          if (settled) return;
-          if (done) throw await this.#earlyEnd(digest, received, size, startFinish);
-          if (received + value.length > size) {
-            throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
-          }
-          received += value.length;
-          controller.enqueue(value);
-          if (received === size) {
-            await serverVerdict();
-            settled = true;
-            this.#openStreams.delete(abortForShutdown);
-            signal?.removeEventListener("abort", onAbort);
-            controller.close();
-          }
-        } catch (err) {
-          if (settled) return;
-          cleanUp();
-          throw err;
+    const step = async (
+      controller: ReadableStreamDefaultController<Uint8Array>,
+    ): Promise<Step> => {
+      if (received < size) {
+        const result = await readWithin(reader, idleMs);
+        if (result === STALLED) {
+          stalled = true;
+          throw stallError(digest, idleMs, received, size);
         }
-      },
-      cancel: () => {
-        cleanUp();
-      },
-    }, { highWaterMark: 0 });
+        if (result.done) throw await this.#earlyEnd(digest, received, size, startFinish);
+        if (received + result.value.length > size) {
+          throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
+        }
+        received += result.value.length;
+        controller.enqueue(result.value);
+        if (received < size) return "more";
+      }
+      await serverVerdict();
+      return "done";
+    };
+    return this.#guardedStream(digest, options.signal, step, (how) => {
+      if (how === "done") return;
+      reader.cancel().catch(() => {});
+      // A stalled writer would hold FinishPipe, and with it the whole server, forever: leave that pipe
+      // to the server (its goroutine ends with EPIPE once data flows again, or with the proxy).
+      if (!stalled) startFinish().catch(() => {});
+    });
   }
 
   /** Explains a pipe that ended before `size` bytes: the proxy died, or the server gave up. */
@@ -630,116 +691,192 @@ export class ImageProxy implements AsyncDisposable {
     return new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
   }
 
-  /** A GetRawBlob stream: hash and count locally, then read the error pipe for the server's verdict. */
+  /**
+   * A GetRawBlob stream: hash and count locally, then read the error pipe for the server's verdict.
+   * Retryable failures (the server's `retryable` code, or a stall) fetch the blob again under the
+   * retry policy and skip what was already delivered; the digest still covers every byte.
+   */
   #rawStream(
-    dataFd: number,
-    errorFd: number,
+    image: OpenedImage,
+    first: { dataFd: number; errorFd: number; size: number },
     digest: string,
-    size: number,
-    hasher: { update(data: Uint8Array): void; hexDigest(): string },
-    signal: AbortSignal | undefined,
+    hasher: Hasher,
+    options: BlobOptions,
   ): ReadableStream<Uint8Array> {
     const transport = this.#transport;
-    const reader = transport.openStream(dataFd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
-    const errors = transport.openStream(errorFd);
-    let errorsTaken = false;
-    const readErrors = async (): Promise<{ code?: string; message?: string } | undefined> => {
-      errorsTaken = true;
+    const idleMs = options.idleTimeoutMs ?? this.#timeouts.blobIdleTimeoutMs;
+    const policy = this.#timeouts.retry;
+    const size = first.size;
+    const expected = digest.slice(digest.indexOf(":") + 1);
+    let copy = openCopy(transport, first.dataFd, first.errorFd);
+    let attempt = 1;
+    let received = 0;
+    let skip = 0;
+
+    const retryOrThrow = async (failure: BlobError): Promise<Step> => {
+      if (!failure.retryable || attempt >= policy.attempts || this.#closedError || this.#exit) throw failure;
+      copy.abandon();
+      await delay(backoff(policy, attempt));
+      attempt++;
+      const { reply, fds } = await this.#call("GetRawBlob", [image.id, digest], "dual");
+      const again = expectInteger("GetRawBlob", reply.value, true);
+      copy = openCopy(transport, fds[0], fds[1]);
+      if (again !== size) throw new BlobError(`Blob ${digest} changed size between attempts`, digest, false);
+      skip = received;
+      return "again";
+    };
+
+    const step = async (
+      controller: ReadableStreamDefaultController<Uint8Array>,
+    ): Promise<Step> => {
+      const result = await readWithin(copy.reader, idleMs);
+      if (result === STALLED) return await retryOrThrow(stallError(digest, idleMs, received, size));
+      if (!result.done) {
+        let chunk = result.value;
+        if (skip > 0) {
+          const dropped = Math.min(skip, chunk.length);
+          skip -= dropped;
+          chunk = chunk.subarray(dropped);
+          if (chunk.length === 0) return "again";
+        }
+        if (size >= 0 && received + chunk.length > size) {
+          throw new BlobError(`Blob ${digest} has more than the ${size} bytes announced`, digest, false);
+        }
+        received += chunk.length;
+        hasher.update(chunk);
+        controller.enqueue(chunk);
+        return "more";
+      }
+      const failure = await copy.verdict();
+      if (failure) {
+        if (this.#exit) throw exitError(this.#exit);
+        const code = failure.code === "retryable"
+          ? "retryable"
+          : failure.code === "EPIPE"
+          ? "EPIPE"
+          : "other";
+        return await retryOrThrow(
+          new BlobError(
+            `Fetching blob ${digest} failed: ${failure.message ?? "unknown error"}`,
+            digest,
+            code === "retryable",
+            { cause: new RequestError("GetRawBlob", failure.message ?? "", code) },
+          ),
+        );
+      }
+      if (skip > 0 || (size >= 0 && received !== size)) {
+        const exit = this.#exit ?? await Promise.race([transport.exited, delay(200)]);
+        if (exit) throw exitError(exit);
+        throw new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
+      }
+      const actual = hasher.hexDigest();
+      if (actual !== expected) {
+        const algorithm = digest.slice(0, digest.indexOf(":") + 1);
+        throw new BlobError(
+          `Blob ${digest} is corrupted: its content has the digest ${algorithm}${actual}`,
+          digest,
+          false,
+        );
+      }
+      return "done";
+    };
+    return this.#guardedStream(digest, options.signal, step, (how) => {
+      if (how !== "done") copy.abandon();
+    });
+  }
+
+  /** Retries `operation` while it fails transiently, under the retry policy. */
+  async #withRetry<T>(operation: () => Promise<T>): Promise<T> {
+    const policy = this.#timeouts.retry;
+    for (let attempt = 1;; attempt++) {
+      try {
+        return await operation();
+      } catch (err) {
+        if (attempt >= policy.attempts || !isTransient(err) || this.#closedError || this.#exit) throw err;
+        await delay(backoff(policy, attempt));
+      }
+    }
+  }
+}
+
+/** One GetRawBlob copy: its data reader and its error pipe. */
+interface RawCopy {
+  reader: ReadableStreamDefaultReader<Uint8Array>;
+  /** Reads the error pipe to its end: the server's `{code, message}`, or undefined when all went well. */
+  verdict(): Promise<{ code?: string; message?: string } | undefined>;
+  /** Closes the data pipe and reads the error pipe in the background only to close it. */
+  abandon(): void;
+}
+
+function openCopy(transport: Transport, dataFd: number, errorFd: number): RawCopy {
+  const reader = transport.openStream(dataFd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
+  const errors = transport.openStream(errorFd);
+  let verdict: Promise<{ code?: string; message?: string } | undefined> | undefined;
+  const read = () => {
+    verdict ??= (async () => {
       const text = new TextDecoder().decode(await collect(errors, 1 << 20));
       if (text.trim() === "") return undefined;
       try {
         const parsed = JSON.parse(text);
         if (typeof parsed === "object" && parsed !== null) return parsed;
-      } catch { /* fall through */ }
+      } catch { /* not JSON: report the text */ }
       return { code: "other", message: text.trim() };
-    };
-    let received = 0;
-    let settled = false;
-    const expected = digest.slice(digest.indexOf(":") + 1);
-    let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
-    const cleanUp = () => {
-      if (settled) return;
-      settled = true;
-      this.#openStreams.delete(abortForShutdown);
-      signal?.removeEventListener("abort", onAbort);
+    })();
+    return verdict;
+  };
+  return {
+    reader,
+    verdict: read,
+    abandon: () => {
       reader.cancel().catch(() => {});
-      // The server reports EPIPE on the error pipe after an early close; read it only to close it.
-      if (!errorsTaken) readErrors().catch(() => {});
-    };
-    const onAbort = () => {
-      cleanUp();
-      controllerRef?.error(signal?.reason);
-    };
-    const abortForShutdown = () => {
-      cleanUp();
-      try {
-        controllerRef?.error(
-          new ProxyClosedError(`The image proxy was shut down while blob ${digest} was open`),
-        );
-      } catch { /* already closed */ }
-    };
-    this.#openStreams.add(abortForShutdown);
-    signal?.addEventListener("abort", onAbort, { once: true });
-    return new ReadableStream<Uint8Array>({
-      start: (controller) => {
-        controllerRef = controller;
-      },
-      pull: async (controller) => {
-        try {
-          const { done, value } = await reader.read();
-          if (settled) return;
-          if (!done) {
-            received += value.length;
-            if (size >= 0 && received > size) {
-              throw new BlobError(`Blob ${digest} has more than the ${size} bytes announced`, digest, false);
-            }
-            hasher.update(value);
-            controller.enqueue(value);
-            return;
-          }
-          const failure = await readErrors();
-          if (failure) {
-            if (this.#exit) throw exitError(this.#exit);
-            const code = failure.code === "retryable"
-              ? "retryable"
-              : failure.code === "EPIPE"
-              ? "EPIPE"
-              : "other";
-            throw new BlobError(
-              `Fetching blob ${digest} failed: ${failure.message ?? "unknown error"}`,
-              digest,
-              code === "retryable",
-              { cause: new RequestError("GetRawBlob", failure.message ?? "", code) },
-            );
-          }
-          if (size >= 0 && received !== size) {
-            const exit = this.#exit ?? await Promise.race([transport.exited, delay(200)]);
-            if (exit) throw exitError(exit);
-            throw new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
-          }
-          const actual = hasher.hexDigest();
-          if (actual !== expected) {
-            throw new BlobError(
-              `Blob ${digest} is corrupted: its content has the digest ${
-                digest.slice(0, digest.indexOf(":") + 1)
-              }${actual}`,
-              digest,
-              false,
-            );
-          }
-          settled = true;
-          this.#openStreams.delete(abortForShutdown);
-          signal?.removeEventListener("abort", onAbort);
-          controller.close();
-        } catch (err) {
-          if (settled) return;
-          cleanUp();
-          throw err;
-        }
-      },
-      cancel: () => cleanUp(),
-    }, { highWaterMark: 0 });
+      // The server reports EPIPE on the error pipe after an early close: not an error.
+      read().catch(() => {});
+    },
+  };
+}
+
+/** What one step of a blob stream did: enqueued a chunk, nothing yet, or reached a confirmed end. */
+type Step = "more" | "again" | "done";
+
+const STALLED = Symbol("stalled");
+
+/** Reads one chunk, or gives up after `ms` without data (0: wait forever). */
+async function readWithin(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  ms: number,
+): Promise<ReadableStreamReadResult<Uint8Array> | typeof STALLED> {
+  if (ms <= 0) return await reader.read();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const stalled = new Promise<typeof STALLED>((resolve) => {
+    timer = setTimeout(() => resolve(STALLED), ms);
+  });
+  try {
+    return await Promise.race([reader.read(), stalled]);
+  } finally {
+    clearTimeout(timer);
   }
+}
+
+function stallError(digest: string, ms: number, received: number, size: number): BlobError {
+  const of = size >= 0 ? ` of ${size}` : "";
+  return new BlobError(
+    `Blob ${digest} stalled: no data for ${ms} ms after ${received}${of} bytes`,
+    digest,
+    true,
+  );
+}
+
+function backoff(policy: Required<RetryPolicy>, attempt: number): number {
+  return Math.min(policy.maxDelayMs, policy.initialDelayMs * 2 ** (attempt - 1));
+}
+
+/** Whether a failed request is worth repeating: the proxy says so, or it names a transient cause. */
+export function isTransient(err: unknown): boolean {
+  if (!(err instanceof RequestError)) return false;
+  if (err.errorCode === "retryable") return true;
+  if (err.errorCode === "other" || err.errorCode === "EPIPE") return false;
+  return /\b(50[0-9]|429)\b|too many requests|connection (refused|reset)|i\/o timeout|handshake timeout|unexpected EOF|temporar/i
+    .test(err.serverMessage);
 }
 
 /** Validates a reply's shape; closes every fd on any failure. */

@@ -3,6 +3,9 @@
 // and that no fd leaked.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
   BlobError,
@@ -11,6 +14,7 @@ import {
   ProxyExitedError,
   ProxyTooOldError,
   RequestError,
+  RequestTimeoutError,
   UnsupportedMethodError,
 } from "../mod.ts";
 import { ImageProxy } from "../mod.ts";
@@ -246,4 +250,169 @@ test("a blob of exactly the declared size completes once FinishPipe succeeds", a
     for await (const chunk of stream) received += chunk.length;
     assert.equal(received, 300_000);
   });
+});
+
+const RAW_BYTES = 200_000;
+function rawContent(n = RAW_BYTES): Uint8Array {
+  const data = new Uint8Array(n);
+  for (let i = 0; i < n; i++) data[i] = (i * 7) & 0xff;
+  return data;
+}
+const RAW_DIGEST = "sha256:" + createHash("sha256").update(rawContent()).digest("hex");
+
+async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return new Uint8Array(Buffer.concat(chunks));
+}
+
+function callLog(): { path: string; count: (method: string) => number } {
+  const path = join(mkdtempSync(join(tmpdir(), "cip-fake-")), "calls.log");
+  return {
+    path,
+    count: (method) =>
+      existsSync(path) ? readFileSync(path, "utf8").split("\n").filter((l) => l === method).length : 0,
+  };
+}
+
+test("a blob that stalls mid-way errors with a retryable BlobError after the idle timeout", async () => {
+  await withFake({ ...fake("stall"), blobIdleTimeoutMs: 300 }, async (proxy) => {
+    const img = await proxy.openImage(REF);
+    const { stream } = await proxy.getBlob(img, DIGEST, 100_000);
+    const started = Date.now();
+    let received = 0;
+    await assert.rejects(
+      (async () => {
+        for await (const chunk of stream) received += chunk.length;
+      })(),
+      (err: unknown) => {
+        assert.ok(err instanceof BlobError, String(err));
+        assert.equal(err.retryable, true);
+        assert.match(err.message, /stalled: no data for 300 ms after 1000 of 100000 bytes/);
+        return true;
+      },
+    );
+    assert.equal(received, 1000);
+    assert.ok(Date.now() - started < 3000);
+    // The proxy is still usable: the stalled pipe was left to the server, not FinishPipe'd.
+    await proxy.openImage(REF);
+  });
+});
+
+test("a per-blob idleTimeoutMs overrides the proxy's", async () => {
+  await withFake({ ...fake("stall"), blobIdleTimeoutMs: 60_000 }, async (proxy) => {
+    const img = await proxy.openImage(REF);
+    const { stream } = await proxy.getBlob(img, DIGEST, 100_000, { idleTimeoutMs: 200 });
+    await assert.rejects(readAll(stream), /stalled: no data for 200 ms/);
+  });
+});
+
+test("a request without an answer fails with RequestTimeoutError and stops the proxy", async () => {
+  const before = openFds();
+  const proxy = await ImageProxy.spawn({ ...fake("hang"), requestTimeoutMs: 400 });
+  const started = Date.now();
+  await assert.rejects(proxy.openImage(REF), (err: unknown) => {
+    assert.ok(err instanceof RequestTimeoutError, String(err));
+    assert.equal(err.method, "OpenImage");
+    assert.equal(err.timeoutMs, 400);
+    return true;
+  });
+  assert.ok(Date.now() - started < 4000, "the timeout fired promptly");
+  await assert.rejects(proxy.openImage(REF), RequestTimeoutError);
+  await proxy.shutdown().catch(() => {});
+  await waitFor(() => !processAlive(proxy.pid!), 5000, "the fake peer to be stopped");
+  await assertNoLeakedFds(before);
+});
+
+test("openImage retries failures the proxy marks retryable, with backoff, when asked to", async () => {
+  const log = callLog();
+  const config = { ...fake("flaky-open", { FAKE_LOG: log.path, FAKE_FAILURES: "2" }) };
+  await withFake({ ...config, retry: { attempts: 3, initialDelayMs: 10 } }, async (proxy) => {
+    await proxy.openImage(REF);
+    assert.equal(log.count("OpenImage"), 3);
+  });
+  const noRetry = callLog();
+  await withFake(fake("flaky-open", { FAKE_LOG: noRetry.path }), async (proxy) => {
+    await assert.rejects(proxy.openImage(REF), (err: unknown) => {
+      assert.ok(err instanceof RequestError);
+      assert.equal(err.retryable, true);
+      assert.match(err.message, /503/);
+      return true;
+    });
+    assert.equal(noRetry.count("OpenImage"), 1, "no retry without a policy");
+  });
+});
+
+test("getRawBlob verifies content on the client and completes", async () => {
+  await withFake(fake("normal"), async (proxy) => {
+    const img = await proxy.openImage(REF);
+    const blob = await proxy.getRawBlob(img, RAW_DIGEST);
+    assert.equal(blob.size, RAW_BYTES);
+    assert.deepEqual(await readAll(blob.stream), rawContent());
+  });
+});
+
+test("getRawBlob resumes a copy that failed with a retryable code, and the digest still holds", async () => {
+  const log = callLog();
+  await withFake(
+    {
+      ...fake("normal", { FAKE_RAW: "flaky", FAKE_LOG: log.path }),
+      retry: { attempts: 2, initialDelayMs: 10 },
+    },
+    async (proxy) => {
+      const img = await proxy.openImage(REF);
+      const { stream } = await proxy.getRawBlob(img, RAW_DIGEST);
+      assert.deepEqual(await readAll(stream), rawContent());
+      assert.equal(log.count("GetRawBlob"), 2);
+    },
+  );
+});
+
+test("getRawBlob without a retry policy surfaces the retryable error", async () => {
+  await withFake(fake("normal", { FAKE_RAW: "flaky" }), async (proxy) => {
+    const img = await proxy.openImage(REF);
+    const { stream } = await proxy.getRawBlob(img, RAW_DIGEST);
+    await assert.rejects(readAll(stream), (err: unknown) => {
+      assert.ok(err instanceof BlobError, String(err));
+      assert.equal(err.retryable, true);
+      assert.match(err.message, /connection reset by peer/);
+      return true;
+    });
+  });
+});
+
+test("getRawBlob resumes after a stall under the retry policy", async () => {
+  await withFake(
+    {
+      ...fake("normal", { FAKE_RAW: "stall" }),
+      blobIdleTimeoutMs: 300,
+      retry: { attempts: 2, initialDelayMs: 10 },
+    },
+    async (proxy) => {
+      const img = await proxy.openImage(REF);
+      const { stream } = await proxy.getRawBlob(img, RAW_DIGEST);
+      assert.deepEqual(await readAll(stream), rawContent());
+    },
+  );
+});
+
+test("a digest mismatch is never retried", async () => {
+  const log = callLog();
+  await withFake(
+    {
+      ...fake("normal", { FAKE_RAW: "corrupt", FAKE_LOG: log.path }),
+      retry: { attempts: 5, initialDelayMs: 10 },
+    },
+    async (proxy) => {
+      const img = await proxy.openImage(REF);
+      const { stream } = await proxy.getRawBlob(img, RAW_DIGEST);
+      await assert.rejects(readAll(stream), (err: unknown) => {
+        assert.ok(err instanceof BlobError, String(err));
+        assert.equal(err.retryable, false);
+        assert.match(err.message, /is corrupted/);
+        return true;
+      });
+      assert.equal(log.count("GetRawBlob"), 1);
+    },
+  );
 });

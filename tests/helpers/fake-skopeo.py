@@ -43,6 +43,16 @@ def pipe_with(content):
 
 
 pending = []  # write ends kept open until FinishPipe, as the real server does
+calls = {}
+
+
+def log_call(method):
+    """Counts calls per method, and appends them to FAKE_LOG when set (tests read it)."""
+    calls[method] = calls.get(method, 0) + 1
+    if os.environ.get("FAKE_LOG"):
+        with open(os.environ["FAKE_LOG"], "a") as log:
+            log.write(method + "\n")
+    return calls[method]
 while True:
     try:
         msg = sock.recv(1 << 16)
@@ -110,6 +120,54 @@ while True:
         sys.stderr.write("fake-skopeo: dying in the middle of a blob\n")
         sys.stderr.flush()
         os._exit(9)
+    elif scenario == "stall" and method == "GetBlob":
+        # 1000 bytes, then nothing: a registry that stopped sending mid-blob.
+        r, w = os.pipe()
+        os.write(w, b"s" * 1000)
+        reply(int(args[2]), pipeid=w, fds=[r])
+        os.close(r)
+        pending.append(w)
+    elif scenario == "flaky-open" and method == "OpenImage":
+        count = log_call(method)
+        if count <= int(os.environ.get("FAKE_FAILURES", "2")):
+            sock.send(json.dumps({"success": False, "value": None, "pipeid": 0, "error_code": "retryable",
+                                  "error": "reading manifest: received unexpected HTTP status: 503"}).encode())
+        else:
+            reply(1)
+    elif method == "GetRawBlob":
+        # FAKE_RAW: "ok" (all bytes), "flaky" (first FAKE_FAILURES copies break halfway with a retryable
+        # error), "corrupt" (wrong bytes), "stall" (half, then nothing on the first copy).
+        count = log_call(method)
+        n = int(os.environ.get("FAKE_RAW_BYTES", "200000"))
+        data = bytes((i * 7) & 0xFF for i in range(n))
+        mode = os.environ.get("FAKE_RAW", "ok")
+        failing = count <= int(os.environ.get("FAKE_FAILURES", "1"))
+        r, w = os.pipe()
+        er, ew = os.pipe()
+        reply(n, fds=[r, er])
+        os.close(r)
+        os.close(er)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if mode == "corrupt":
+                    os.write(w, bytes(n))
+                elif mode in ("flaky", "stall") and failing:
+                    os.write(w, data[: n // 2])
+                    if mode == "stall":
+                        # Hold the pipe open without writing, for as long as the fake itself lives.
+                        parent = os.getppid()
+                        while os.getppid() == parent:
+                            time.sleep(0.05)
+                        os._exit(0)
+                    os.write(ew, json.dumps({"code": "retryable", "message": "connection reset by peer"}).encode())
+                else:
+                    os.write(w, data)
+            except OSError:
+                pass
+            os._exit(0)
+        os.close(w)
+        os.close(ew)
     elif method == "OpenImage" or method == "OpenImageOptional":
         reply(1)
     elif method == "CloseImage":

@@ -1,0 +1,327 @@
+/**
+ * The `image-proxy` command line grammar: global options (the {@linkcode ImageProxyConfig} ones plus
+ * `--quiet` and `--help`), one command, its operands and its options. Pure: no I/O.
+ *
+ * @module
+ */
+
+import type { ImageProxyConfig } from "../config.ts";
+import { digestProblem, ImageReference } from "../reference.ts";
+import { InvalidReferenceError } from "../errors.ts";
+
+/** The program's name, as help and usage lines show it. */
+export const PROGRAM = "image-proxy";
+
+/** Bad usage: exit status 2 with a usage hint. */
+export class UsageError extends Error {
+  /** The command whose usage to show, when one was recognised. */
+  readonly command: string | undefined;
+  /** Creates the error; `command` picks the usage line shown with it. */
+  constructor(message: string, command?: string) {
+    super(message);
+    this.name = "UsageError";
+    this.command = command;
+  }
+}
+
+/** One command's grammar and help. */
+export interface CommandSpec {
+  /** Operand names, in order. */
+  operands: string[];
+  /** The usage line after `image-proxy [OPTIONS]`. */
+  usage: string;
+  /** One line for the command list. */
+  summary: string;
+  /** The rest of its help. */
+  help: string;
+}
+
+/** Every command, in the order the help lists them. */
+export const COMMANDS: Record<string, CommandSpec> = {
+  metadata: {
+    operands: ["REF"],
+    usage: "metadata REF",
+    summary: "print the manifest digest and the OCI manifest as JSON",
+    help: 'Prints {"digest": ..., "manifest": {...}}: the manifest as OCI (converted by skopeo when the\n' +
+      "source has another format) and the digest of the manifest as the source stores it. For a multi-arch\n" +
+      "image both describe the instance for this platform (or the --override-* one).",
+  },
+  config: {
+    operands: ["REF"],
+    usage: "config REF",
+    summary: "print the OCI image configuration as JSON",
+    help: "Prints the full OCI image configuration (architecture, os, config, rootfs, history).",
+  },
+  layers: {
+    operands: ["REF"],
+    usage: "layers REF",
+    summary: "print the layers (digest, size, media type) as JSON",
+    help: 'Prints [{"digest", "size", "media_type"}] for every layer. Proxies older than protocol 0.2.5\n' +
+      "have no GetLayerInfo: the list then comes from the manifest.",
+  },
+  blob: {
+    operands: ["REF", "DIGEST", "SIZE"],
+    usage: "blob REF DIGEST SIZE",
+    summary: "write a blob to standard output, verified by skopeo",
+    help: "Writes the blob DIGEST of SIZE bytes to standard output. The exit status is 0 only when skopeo\n" +
+      "confirmed size and digest once every byte was written; redirect to a temporary file and keep it\n" +
+      "only on success.",
+  },
+  "blob-raw": {
+    operands: ["REF", "DIGEST"],
+    usage: "blob-raw REF DIGEST",
+    summary: "write a blob fetched with GetRawBlob to standard output, verified here",
+    help:
+      "Writes the blob DIGEST to standard output, fetched with GetRawBlob (protocol 0.2.8, skopeo 1.19\n" +
+      "or newer), which skopeo does not hash: this program verifies size and digest instead. As for\n" +
+      "`blob`, the exit status tells whether the bytes written were verified.",
+  },
+  fetch: {
+    operands: ["REF"],
+    usage: "fetch REF [--raw-blobs] [--output DIR]",
+    summary: "fetch every layer; with --output, write an OCI image layout",
+    help: "Fetches the configuration and every layer, verified, and prints a JSON summary.\n\n" +
+      "Options:\n" +
+      '  -o, --output DIR  write an OCI image layout to DIR (oci:DIR:TAG, TAG from REF or "latest");\n' +
+      "                    blobs already in DIR with the right digest are not fetched again\n" +
+      "  --raw-blobs       fetch with GetRawBlob (protocol 0.2.8), verified by this program",
+  },
+  extract: {
+    operands: ["REF", "DIR"],
+    usage: "extract REF DIR",
+    summary: "unpack the image's filesystem into DIR",
+    help: "Applies every layer in order into DIR (created if missing), with OCI whiteouts. Entries that\n" +
+      'would escape DIR (absolute names, "..", symlinks or hardlinks leading outside) are refused.\n' +
+      "Ownership is not applied; device nodes and FIFOs are skipped and listed in the JSON summary.",
+  },
+};
+
+/** What the command line asks for. */
+export interface ParsedArgs {
+  /** The proxy configuration from the global options. */
+  config: ImageProxyConfig;
+  /** `--quiet`: no progress display. */
+  quiet: boolean;
+  /** `--help` (for the command, when one was given). */
+  help: boolean;
+  /** The command, or `undefined` when none was given. */
+  command: string | undefined;
+  /** The command's operands, validated. */
+  operands: string[];
+  /** `fetch --output DIR`. */
+  output: string | undefined;
+  /** `fetch --raw-blobs`. */
+  rawBlobs: boolean;
+}
+
+type ValueOption = (config: ImageProxyConfig, value: string) => void;
+
+const VALUE_OPTIONS: Record<string, ValueOption> = {
+  "--authfile": (c, v) => c.authfile = v,
+  "--cert-dir": (c, v) => c.certificateDirectory = v,
+  "--policy": (c, v) => c.policy = v,
+  "--registries-conf": (c, v) => c.registriesConf = v,
+  "--registries.d": (c, v) => c.registriesD = v,
+  "--override-arch": (c, v) => c.overrideArch = v,
+  "--override-os": (c, v) => c.overrideOs = v,
+  "--override-variant": (c, v) => c.overrideVariant = v,
+  "--skopeo": (c, v) => {
+    const words = v.trim().split(/\s+/).filter((w) => w !== "");
+    if (words.length === 0) throw new UsageError("option --skopeo needs a command");
+    c.skopeoCmd = words;
+  },
+};
+
+const FLAG_OPTIONS: Record<string, (args: ParsedArgs) => void> = {
+  "--no-creds": (a) => a.config.authAnonymous = true,
+  "--insecure-policy": (a) => a.config.insecurePolicy = true,
+  "--debug": (a) => a.config.debug = true,
+  "--quiet": (a) => a.quiet = true,
+  "-q": (a) => a.quiet = true,
+  "--help": (a) => a.help = true,
+  "-h": (a) => a.help = true,
+};
+
+function parseBoolean(option: string, value: string): boolean {
+  if (value === "true") return true;
+  if (value === "false") return false;
+  throw new UsageError(`option ${option} takes "true" or "false", not "${value}"`);
+}
+
+/**
+ * Parses the arguments after the program name. Global options may come before or after the command;
+ * `--` ends option parsing.
+ *
+ * @throws {UsageError} for anything malformed: unknown options or commands, missing or extra operands,
+ * an invalid reference, digest or size.
+ */
+export function parseArgs(argv: readonly string[]): ParsedArgs {
+  const parsed: ParsedArgs = {
+    config: {},
+    quiet: false,
+    help: false,
+    command: undefined,
+    operands: [],
+    output: undefined,
+    rawBlobs: false,
+  };
+  const words: string[] = [];
+  let optionsEnded = false;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (optionsEnded || !arg.startsWith("-") || arg === "-") {
+      if (parsed.command === undefined && words.length === 0) {
+        if (!(arg in COMMANDS)) {
+          throw new UsageError(`unknown command "${arg}" (commands: ${Object.keys(COMMANDS).join(", ")})`);
+        }
+        parsed.command = arg;
+      } else {
+        words.push(arg);
+      }
+      continue;
+    }
+    if (arg === "--") {
+      optionsEnded = true;
+      continue;
+    }
+    const equals = arg.indexOf("=");
+    const name = equals > 0 && arg.startsWith("--") ? arg.slice(0, equals) : arg;
+    const inline = equals > 0 && arg.startsWith("--") ? arg.slice(equals + 1) : undefined;
+    const takeValue = (): string => {
+      if (inline !== undefined) return inline;
+      const value = argv[i + 1];
+      if (value === undefined) throw new UsageError(`option ${name} needs a value`, parsed.command);
+      i++;
+      return value;
+    };
+    if (name === "--tls-verify") {
+      parsed.config.insecureSkipTlsVerification = inline === undefined ? false : !parseBoolean(name, inline);
+      continue;
+    }
+    const valueOption = VALUE_OPTIONS[name];
+    if (valueOption) {
+      const value = takeValue();
+      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, parsed.command);
+      valueOption(parsed.config, value);
+      continue;
+    }
+    const flag = FLAG_OPTIONS[name];
+    if (flag) {
+      if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, parsed.command);
+      flag(parsed);
+      continue;
+    }
+    if (parsed.command === "fetch" && (name === "--output" || name === "-o")) {
+      const value = takeValue();
+      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, "fetch");
+      parsed.output = value;
+      continue;
+    }
+    if (parsed.command === "fetch" && name === "--raw-blobs") {
+      if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, "fetch");
+      parsed.rawBlobs = true;
+      continue;
+    }
+    throw new UsageError(`unknown option ${name}`, parsed.command);
+  }
+  if (parsed.config.policy !== undefined && parsed.config.insecurePolicy) {
+    throw new UsageError("options --policy and --insecure-policy conflict", parsed.command);
+  }
+  if (parsed.config.authfile !== undefined && parsed.config.authAnonymous) {
+    throw new UsageError("options --authfile and --no-creds conflict", parsed.command);
+  }
+  if (parsed.help) return parsed;
+  if (parsed.command === undefined) {
+    throw new UsageError(words.length ? `unknown command "${words[0]}"` : "no command given");
+  }
+  const spec = COMMANDS[parsed.command];
+  if (words.length < spec.operands.length) {
+    throw new UsageError(`missing ${spec.operands.slice(words.length).join(" ")}`, parsed.command);
+  }
+  if (words.length > spec.operands.length) {
+    throw new UsageError(`unexpected argument "${words[spec.operands.length]}"`, parsed.command);
+  }
+  for (const [i, operand] of spec.operands.entries()) {
+    const value = words[i];
+    if (operand === "REF") {
+      try {
+        ImageReference.parse(value);
+      } catch (err) {
+        if (err instanceof InvalidReferenceError) throw new UsageError(err.message, parsed.command);
+        throw err;
+      }
+    } else if (operand === "DIGEST") {
+      const problem = digestProblem(value);
+      if (problem) throw new UsageError(`invalid digest: ${problem}`, parsed.command);
+    } else if (operand === "SIZE") {
+      if (!/^[0-9]+$/.test(value) || !Number.isSafeInteger(Number(value))) {
+        throw new UsageError(`invalid size "${value}": expected a number of bytes`, parsed.command);
+      }
+    } else if (value === "") {
+      throw new UsageError(`${operand} must not be empty`, parsed.command);
+    }
+  }
+  parsed.operands = words;
+  return parsed;
+}
+
+const GLOBAL_HELP = `Options (before or after the command):
+  --authfile PATH           auth.json to use
+  --no-creds                access the registry anonymously
+  --cert-dir DIR            certificates for registry TLS (*.crt, *.cert, *.key)
+  --tls-verify=false        do not verify registry TLS certificates
+  --policy PATH             signature policy file (enforced by skopeo 1.13 or newer)
+  --insecure-policy         accept any image regardless of policy
+  --registries-conf PATH    registries.conf to use
+  --registries.d DIR        registries.d directory (signature lookaside)
+  --override-arch ARCH      pick ARCH from multi-arch images
+  --override-os OS          pick OS from multi-arch images
+  --override-variant VAR    pick VARIANT from multi-arch images
+  --skopeo CMD              command that starts skopeo, split on whitespace
+                            (default: "setpriv --pdeathsig SIGTERM -- skopeo")
+  --debug                   pass --debug to skopeo and show its messages
+  -q, --quiet               no progress display
+  -h, --help                show help (for a command: COMMAND --help)`;
+
+/** The full help text. */
+export function mainHelp(): string {
+  const width = Math.max(...Object.values(COMMANDS).map((c) => c.usage.length));
+  const commands = Object.values(COMMANDS)
+    .map((c) => `  ${c.usage.padEnd(width)}  ${c.summary}`)
+    .join("\n");
+  return `${PROGRAM}: fetch container images through skopeo's experimental-image-proxy
+
+Usage: ${PROGRAM} [OPTIONS] COMMAND ARGS...
+
+Commands:
+${commands}
+
+REF is TRANSPORT:NAME as skopeo takes it: docker://quay.io/fedora/fedora:40, oci:DIR:TAG,
+oci-archive:FILE, docker-archive:FILE, dir:DIR, containers-storage:NAME.
+
+${GLOBAL_HELP}
+
+Output is JSON on standard output (blob bytes for blob and blob-raw). Exit status: 0 on success,
+1 on failure (one line "error: ..." on standard error), 2 on bad usage. Progress is shown on
+standard error when it is a terminal.
+`;
+}
+
+/** The help text of one command. */
+export function commandHelp(command: string): string {
+  const spec = COMMANDS[command];
+  return `Usage: ${PROGRAM} [OPTIONS] ${spec.usage}
+
+${spec.help}
+
+${GLOBAL_HELP}
+`;
+}
+
+/** The one-line usage hint shown with a usage error. */
+export function usageHint(command: string | undefined): string {
+  if (command !== undefined && command in COMMANDS) {
+    return `usage: ${PROGRAM} [OPTIONS] ${COMMANDS[command].usage} (see "${PROGRAM} ${command} --help")`;
+  }
+  return `usage: ${PROGRAM} [OPTIONS] COMMAND ARGS... (see "${PROGRAM} --help")`;
+}

@@ -1,0 +1,81 @@
+/**
+ * The command line's contact with its runtime, behind one small interface: arguments, the two output
+ * streams, whether standard error is a terminal, interrupts and the exit. `node:process` provides all
+ * of it in both Deno and Bun; tests supply their own.
+ *
+ * @module
+ */
+
+import process from "node:process";
+
+/** What the command line needs from the runtime. */
+export interface CliIo {
+  /** The arguments after the program name. */
+  args: readonly string[];
+  /** Writes to standard output; resolves once the runtime took the bytes (backpressure). */
+  writeStdout(data: Uint8Array | string): Promise<void>;
+  /** Writes to standard error (small, human-readable text). */
+  writeStderr(text: string): void;
+  /** Whether standard error is a terminal (progress is shown only then). */
+  stderrIsTerminal: boolean;
+  /** The terminal's width in columns. */
+  columns(): number;
+  /** Milliseconds, monotonic. */
+  now(): number;
+  /** Calls `handler` on SIGINT or SIGTERM; returns the function that stops listening. */
+  onInterrupt(handler: (signal: string) => void): () => void;
+}
+
+/** The {@linkcode CliIo} of this process, through `node:process`. */
+export function processIo(): CliIo {
+  // A closed pipe on stdout also arrives as an "error" event; the write callback reports it.
+  process.stdout.on("error", () => {});
+  return {
+    // Deno.args is exact under `deno run` and in compiled binaries alike; Bun's argv has two leading entries.
+    args: (globalThis as { Deno?: { args: string[] } }).Deno?.args ?? process.argv.slice(2),
+    writeStdout(data) {
+      return new Promise((resolve, reject) => {
+        process.stdout.write(
+          data,
+          (err?: Error | null) =>
+            err
+              ? reject(new Error(`Cannot write to standard output: ${err.message}`, { cause: err }))
+              : resolve(),
+        );
+      });
+    },
+    writeStderr(text) {
+      process.stderr.write(text);
+    },
+    stderrIsTerminal: process.stderr.isTTY === true,
+    columns: () => process.stderr.columns || 80,
+    now: () => performance.now(),
+    onInterrupt(handler) {
+      const onInt = () => handler("SIGINT");
+      const onTerm = () => handler("SIGTERM");
+      process.on("SIGINT", onInt);
+      process.on("SIGTERM", onTerm);
+      return () => {
+        process.off("SIGINT", onInt);
+        process.off("SIGTERM", onTerm);
+      };
+    },
+  };
+}
+
+/** Ends the process with `code` once standard output and standard error took what was written. */
+export async function exitProcess(code: number): Promise<never> {
+  const flushed = (stream: { write(text: string, callback: () => void): boolean }) =>
+    new Promise<void>((resolve) => {
+      try {
+        stream.write("", () => resolve());
+      } catch {
+        resolve();
+      }
+    });
+  await Promise.race([
+    Promise.all([flushed(process.stdout), flushed(process.stderr)]),
+    new Promise((resolve) => setTimeout(resolve, 1000)),
+  ]);
+  process.exit(code);
+}

@@ -1,0 +1,388 @@
+/**
+ * Writes an image fetched through the proxy as an OCI image layout (`oci-layout`, `index.json`,
+ * `blobs/sha256/...`), which `skopeo`, `podman` and every OCI tool read as `oci:DIR:TAG`.
+ *
+ * Every blob is streamed to a temporary name in its final folder and renamed only once the proxy
+ * (or, for raw blobs, this client) has verified it, so an interrupted fetch never leaves a blob that
+ * looks complete. Blobs already present with the right digest are not fetched again. The manifest
+ * and `index.json` are written last.
+ *
+ * @module
+ * @tags allow-read, allow-write
+ */
+
+import { createHash, randomUUID } from "node:crypto";
+import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
+import { type Compression, detectCompression } from "./decompress.ts";
+export type { Compression } from "./decompress.ts";
+import { ImageProxyError } from "./errors.ts";
+import { checkManifest, type Descriptor, type ImageIndex, type ImageManifest } from "./oci.ts";
+import type { BlobReader, ImageProxy, OpenedImage } from "./proxy.ts";
+import type { ImageReference } from "./reference.ts";
+import type { LayerProgress } from "./extract.ts";
+
+/** The annotation that names an image in a layout's `index.json`. */
+export const REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name";
+
+/** Options for {@linkcode writeLayout}. */
+export interface WriteLayoutOptions {
+  /** The name under which `index.json` lists the image; default {@linkcode layoutTag} of the reference. */
+  tag?: string;
+  /** Fetch blobs with `GetRawBlob` (protocol 0.2.8), verified by this client instead of by skopeo. */
+  rawBlobs?: boolean;
+  /** Stops the fetch; partial blobs are removed. */
+  signal?: AbortSignal;
+  /** Called as layer bytes arrive (often: throttle any display). */
+  onProgress?: (progress: LayerProgress) => void;
+}
+
+/** One blob of the written layout. */
+export interface LayoutBlob {
+  /** The blob's digest (its file name under `blobs/`). */
+  digest: string;
+  /** Its size in bytes. */
+  size: number;
+  /** Its media type, as the layout's manifest states it. */
+  mediaType: string;
+  /** True when the blob was already in the layout and was not fetched again. */
+  skipped: boolean;
+}
+
+/** What {@linkcode writeLayout} wrote. */
+export interface LayoutResult {
+  /** The layout folder. */
+  path: string;
+  /** The name the image has in `index.json`. */
+  tag: string;
+  /** The digest of the manifest as stored in the layout (the sha256 of its bytes). */
+  digest: string;
+  /** The manifest digest the proxy reported for the source image. */
+  sourceDigest: string;
+  /** The configuration blob. */
+  config: LayoutBlob;
+  /** The layer blobs, in order, with the compression their content has. */
+  layers: (LayoutBlob & { compression: Compression })[];
+  /** Blob bytes fetched (skipped blobs not counted). */
+  bytesFetched: number;
+  /** Where the layout differs from the source, said plainly (converted manifest, corrected media types). */
+  notes: string[];
+}
+
+/** Layer media types whose compression suffix this writer can correct. */
+const OCI_LAYER = "application/vnd.oci.image.layer.v1.tar";
+const OCI_LAYER_TYPES: Record<string, Compression> = {
+  [OCI_LAYER]: "none",
+  [`${OCI_LAYER}+gzip`]: "gzip",
+  [`${OCI_LAYER}+zstd`]: "zstd",
+};
+
+/**
+ * The tag an image gets in a layout: the reference's tag, or `latest` when it has none (a digest
+ * reference, `dir:`, an archive without a name).
+ */
+export function layoutTag(reference: ImageReference): string {
+  let name: string;
+  switch (reference.transport) {
+    case "oci":
+    case "oci-archive": {
+      const colon = reference.name.indexOf(":");
+      const inner = colon >= 0 ? reference.name.slice(colon + 1) : "";
+      if (inner === "") return "latest";
+      if (!inner.includes("/") && !inner.includes(":") && !inner.includes("@")) return inner;
+      name = inner;
+      break;
+    }
+    case "docker":
+      name = reference.name.slice(2);
+      break;
+    case "docker-archive": {
+      const colon = reference.name.indexOf(":");
+      name = colon >= 0 ? reference.name.slice(colon + 1) : "";
+      break;
+    }
+    case "containers-storage":
+      name = reference.name.replace(/^\[[^\]]*\]/, "");
+      break;
+    case "dir":
+      return "latest";
+    default:
+      name = reference.name;
+  }
+  if (name.includes("@")) return "latest";
+  const slash = name.lastIndexOf("/");
+  const colon = name.lastIndexOf(":");
+  return colon > slash ? name.slice(colon + 1) : "latest";
+}
+
+function sha256(data: Uint8Array): string {
+  return `sha256:${createHash("sha256").update(data).digest("hex")}`;
+}
+
+function blobPath(dir: string, digest: string): string {
+  const colon = digest.indexOf(":");
+  return `${dir}/blobs/${digest.slice(0, colon)}/${digest.slice(colon + 1)}`;
+}
+
+/** Whether `path` holds exactly the blob `digest` of `size` bytes; the first bytes come back too. */
+async function existingBlob(
+  path: string,
+  digest: string,
+  size: number,
+): Promise<{ head: Uint8Array } | null> {
+  try {
+    const info = await stat(path);
+    if (!info.isFile() || (size >= 0 && info.size !== size)) return null;
+  } catch {
+    return null;
+  }
+  const algorithm = digest.slice(0, digest.indexOf(":"));
+  if (algorithm !== "sha256" && algorithm !== "sha512") return null;
+  const hash = createHash(algorithm);
+  const handle = await open(path, "r");
+  const buffer = new Uint8Array(1 << 20);
+  let head: Uint8Array | undefined;
+  try {
+    for (;;) {
+      const { bytesRead } = await handle.read(buffer, 0, buffer.length, null);
+      if (bytesRead === 0) break;
+      head ??= buffer.slice(0, Math.min(bytesRead, 8));
+      hash.update(buffer.subarray(0, bytesRead));
+    }
+  } finally {
+    await handle.close();
+  }
+  return `${algorithm}:${hash.digest("hex")}` === digest ? { head: head ?? new Uint8Array(0) } : null;
+}
+
+/** Writes `data` to `path` through a temporary name in the same folder, then renames it. */
+async function writeAtomically(path: string, data: Uint8Array | string): Promise<void> {
+  const temporary = `${path}.partial-${randomUUID()}`;
+  try {
+    const handle = await open(temporary, "wx", 0o644);
+    try {
+      await handle.writeFile(data);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(temporary, path);
+  } catch (err) {
+    await rm(temporary, { force: true });
+    throw err;
+  }
+}
+
+/**
+ * Streams a blob into the layout unless it is already there. Returns its first bytes (to tell its
+ * compression) and how many bytes were fetched.
+ */
+async function storeBlob(
+  dir: string,
+  descriptor: Descriptor,
+  fetch: () => Promise<BlobReader>,
+  onBytes: (count: number) => void,
+): Promise<{ head: Uint8Array; fetched: number; skipped: boolean }> {
+  const path = blobPath(dir, descriptor.digest);
+  const present = await existingBlob(path, descriptor.digest, descriptor.size);
+  if (present) return { head: present.head, fetched: 0, skipped: true };
+  await mkdir(path.slice(0, path.lastIndexOf("/")), { recursive: true });
+  const { stream } = await fetch();
+  const temporary = `${path.slice(0, path.lastIndexOf("/"))}/.${
+    path.slice(path.lastIndexOf("/") + 1)
+  }.partial-${randomUUID()}`;
+  let fetched = 0;
+  let head: Uint8Array | undefined;
+  try {
+    const handle = await open(temporary, "wx", 0o644);
+    try {
+      for await (const chunk of stream) {
+        head ??= chunk.slice(0, 8);
+        let offset = 0;
+        while (offset < chunk.length) {
+          const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset);
+          offset += bytesWritten;
+        }
+        fetched += chunk.length;
+        onBytes(chunk.length);
+      }
+      // The stream closed: the proxy (or the raw-blob check) confirmed size and digest.
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    if (descriptor.size >= 0 && fetched !== descriptor.size) {
+      throw new ImageProxyError(
+        `Blob ${descriptor.digest} has ${fetched} bytes, but the manifest says ${descriptor.size}`,
+      );
+    }
+    await rename(temporary, path);
+  } catch (err) {
+    await stream.cancel().catch(() => {});
+    await rm(temporary, { force: true });
+    throw err;
+  }
+  return { head: head ?? new Uint8Array(0), fetched, skipped: false };
+}
+
+async function readIndex(path: string): Promise<ImageIndex> {
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (err) {
+    if ((err as { code?: string }).code === "ENOENT") {
+      return { schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests: [] };
+    }
+    throw err;
+  }
+  try {
+    const index = JSON.parse(text) as ImageIndex;
+    if (index?.schemaVersion !== 2 || !Array.isArray(index.manifests)) throw new Error("not an image index");
+    return index;
+  } catch (cause) {
+    throw new ImageProxyError(`Cannot update "${path}": it is not a valid OCI image index`, { cause });
+  }
+}
+
+async function ensureLayoutFile(dir: string): Promise<void> {
+  const path = `${dir}/oci-layout`;
+  try {
+    const layout = JSON.parse(await readFile(path, "utf8"));
+    if (typeof layout?.imageLayoutVersion !== "string") throw new Error("no imageLayoutVersion");
+    return;
+  } catch (err) {
+    if ((err as { code?: string }).code !== "ENOENT") {
+      throw new ImageProxyError(`"${dir}" has an invalid oci-layout file: ${(err as Error).message}`);
+    }
+  }
+  await writeAtomically(path, JSON.stringify({ imageLayoutVersion: "1.0.0" }));
+}
+
+/**
+ * Writes `image` into the OCI image layout `dir` (created if missing; an existing layout keeps its
+ * other images, and an image with the same tag is replaced in `index.json`).
+ *
+ * The manifest is stored as the proxy returns it: converted to OCI. When the source manifest was in
+ * another format (`docker-archive:`, a Docker registry), the layout's manifest digest differs from the
+ * source's; both are returned and `notes` says so. When a layer's content contradicts its media type
+ * (`docker-archive:` layers are uncompressed but labelled gzip), the media type is corrected in the
+ * stored manifest, so that the layout states what its blobs are.
+ *
+ * @example Saving an image as a layout
+ * ```ts ignore
+ * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
+ * import { writeLayout } from "jsr:@cip/containers-image-proxy/layout";
+ *
+ * await using proxy = await ImageProxy.spawn();
+ * const img = await proxy.openImage("docker://quay.io/libpod/alpine:latest");
+ * const result = await writeLayout(proxy, img, "./alpine-layout");
+ * console.log(`oci:${result.path}:${result.tag}`, result.digest);
+ * ```
+ *
+ * @throws {UnsupportedMethodError} with `rawBlobs` on a proxy older than protocol 0.2.8.
+ */
+export async function writeLayout(
+  proxy: ImageProxy,
+  image: OpenedImage,
+  dir: string,
+  options: WriteLayoutOptions = {},
+): Promise<LayoutResult> {
+  const { signal, onProgress } = options;
+  if (options.rawBlobs && !proxy.supports("GetRawBlob")) {
+    throw new ImageProxyError(
+      `Raw blobs need GetRawBlob, which needs proxy protocol 0.2.8 or newer (skopeo 1.19 or newer), ` +
+        `but this proxy speaks ${proxy.protocolVersion}`,
+    );
+  }
+  const tag = options.tag ?? layoutTag(image.reference);
+  const { digest: sourceDigest, raw } = await proxy.fetchManifestRaw(image);
+  let parsed: ImageManifest;
+  try {
+    parsed = checkManifest(JSON.parse(new TextDecoder().decode(raw)));
+  } catch (cause) {
+    throw new ImageProxyError("The proxy returned a manifest that is not an OCI image manifest", { cause });
+  }
+  await mkdir(`${dir}/blobs/sha256`, { recursive: true });
+  await ensureLayoutFile(dir);
+
+  const fetchBlob = (descriptor: Descriptor) => () =>
+    options.rawBlobs
+      ? proxy.getRawBlob(image, descriptor.digest, { signal })
+      : proxy.getDescriptor(image, descriptor, { signal });
+  const notes: string[] = [];
+  let bytesFetched = 0;
+
+  signal?.throwIfAborted();
+  const configStored = await storeBlob(dir, parsed.config, fetchBlob(parsed.config), () => {});
+  bytesFetched += configStored.fetched;
+  const config: LayoutBlob = {
+    digest: parsed.config.digest,
+    size: parsed.config.size,
+    mediaType: parsed.config.mediaType,
+    skipped: configStored.skipped,
+  };
+
+  const layers: LayoutResult["layers"] = [];
+  const totalBytes = parsed.layers.reduce((n, l) => n + l.size, 0);
+  let bytes = 0;
+  let corrected = false;
+  for (const [i, layer] of parsed.layers.entries()) {
+    signal?.throwIfAborted();
+    let layerBytes = 0;
+    const report = () =>
+      onProgress?.({
+        layer: i + 1,
+        layers: parsed.layers.length,
+        layerBytes,
+        layerSize: layer.size,
+        bytes,
+        totalBytes,
+      });
+    report();
+    const stored = await storeBlob(dir, layer, fetchBlob(layer), (n) => {
+      layerBytes += n;
+      bytes += n;
+      report();
+    });
+    bytesFetched += stored.fetched;
+    const found = detectCompression(stored.head);
+    const compression: Compression = found === "gzip" || found === "zstd" ? found : "none";
+    let mediaType = layer.mediaType;
+    const claimed = OCI_LAYER_TYPES[mediaType];
+    if (claimed !== undefined && claimed !== compression) {
+      mediaType = compression === "none" ? OCI_LAYER : `${OCI_LAYER}+${compression}`;
+      notes.push(
+        `Layer ${layer.digest} is labelled "${layer.mediaType}" but its content is ${
+          compression === "none" ? "an uncompressed tar" : compression
+        }: the layout's manifest says "${mediaType}"`,
+      );
+      parsed.layers[i] = { ...layer, mediaType };
+      corrected = true;
+    }
+    layers.push({ digest: layer.digest, size: layer.size, mediaType, skipped: stored.skipped, compression });
+  }
+
+  const manifestBytes = corrected ? new TextEncoder().encode(JSON.stringify(parsed)) : raw;
+  const digest = sha256(manifestBytes);
+  if (digest !== sourceDigest) {
+    notes.unshift(
+      `The proxy converted the source manifest (${sourceDigest}) to OCI${
+        corrected ? " and its layer media types were corrected" : ""
+      }: the layout's manifest is ${digest}`,
+    );
+  }
+  const manifestPath = blobPath(dir, digest);
+  if (!(await existingBlob(manifestPath, digest, manifestBytes.length))) {
+    await writeAtomically(manifestPath, manifestBytes);
+  }
+
+  const index = await readIndex(`${dir}/index.json`);
+  index.manifests = index.manifests.filter((m) => m.annotations?.[REF_NAME_ANNOTATION] !== tag);
+  index.manifests.push({
+    mediaType: parsed.mediaType ?? "application/vnd.oci.image.manifest.v1+json",
+    digest,
+    size: manifestBytes.length,
+    annotations: { [REF_NAME_ANNOTATION]: tag },
+  });
+  await writeAtomically(`${dir}/index.json`, JSON.stringify(index));
+  return { path: dir, tag, digest, sourceDigest, config, layers, bytesFetched, notes };
+}

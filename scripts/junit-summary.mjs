@@ -1,3 +1,4 @@
+// deno-lint-ignore-file no-console
 // Sums JUnit reports from several runners into one line: "N passed, N failed".
 // A missing or empty report counts as a failure: a runner that ran no test must not look green.
 import { readFileSync } from "node:fs";

@@ -151,6 +151,8 @@ export class ImageProxy implements AsyncDisposable {
   #closedError: ImageProxyError | undefined;
   readonly #openStreams = new Set<() => void>();
   readonly #timeouts: Timeouts;
+  /** Rejects the request on the wire when the child exits (one at a time: the queue is serial). */
+  #onExit: ((exit: ChildExit) => void) | undefined;
 
   private constructor(transport: Transport, protocolVersion: string, settings: Timeouts) {
     this.#transport = transport;
@@ -158,6 +160,7 @@ export class ImageProxy implements AsyncDisposable {
     this.#timeouts = settings;
     transport.exited.then((exit) => {
       this.#exit = exit;
+      this.#onExit?.(exit);
     });
   }
 
@@ -456,7 +459,7 @@ export class ImageProxy implements AsyncDisposable {
     if (this.#exit === undefined) {
       // Shutdown goes after the request on the wire, if any, but never waits long for it.
       const sent = this.#queue.then(() => transport.send(encodeRequest("Shutdown", [])));
-      await Promise.race([sent.then(() => transport.exited), transport.exited, delay(SHUTDOWN_GRACE_MS)])
+      await within(Promise.race([sent.then(() => transport.exited), transport.exited]), SHUTDOWN_GRACE_MS)
         .catch(() => {});
     }
     const exit = await transport.close(SHUTDOWN_GRACE_MS);
@@ -495,7 +498,7 @@ export class ImageProxy implements AsyncDisposable {
       let received;
       const request = this.#transport.request(packet);
       try {
-        received = await raceExit(this.#transport, this.#withTimeout(method, request));
+        received = await this.#untilExit(this.#withTimeout(method, request), request);
       } catch (err) {
         throw await exitedError(this.#transport, err);
       }
@@ -504,6 +507,30 @@ export class ImageProxy implements AsyncDisposable {
     const result = this.#queue.then(run, run);
     this.#queue = result.catch(() => {});
     return result;
+  }
+
+  /**
+   * Settles with `operation`, or rejects with the child's exit. Racing the exit promise itself would
+   * leave one reaction on it per request for the proxy's whole life.
+   */
+  #untilExit(operation: Promise<ReceivedPacket>, request: Promise<ReceivedPacket>): Promise<ReceivedPacket> {
+    return new Promise((resolve, reject) => {
+      this.#onExit = (exit) => {
+        // The child is gone: a complete reply may still be in the socket; take it if it comes at once.
+        within(request, 50).then((late) => {
+          if (late) return resolve(late);
+          request.then((value) => closeAll(this.#transport, value.fds), () => {});
+          reject(exitError(exit));
+        }, () => reject(exitError(exit)));
+      };
+      operation.then((value) => {
+        this.#onExit = undefined;
+        resolve(value);
+      }, (err) => {
+        this.#onExit = undefined;
+        reject(err);
+      });
+    });
   }
 
   /** Applies `requestTimeoutMs`: an unanswered request stops the proxy, whose answer would come out of turn. */
@@ -681,7 +708,7 @@ export class ImageProxy implements AsyncDisposable {
     size: number,
     startFinish: () => Promise<void>,
   ): Promise<ImageProxyError> {
-    const exit = this.#exit ?? await Promise.race([this.#transport.exited, delay(200)]);
+    const exit = this.#exit ?? await within(this.#transport.exited, 200);
     if (exit) return exitError(exit);
     try {
       await startFinish();
@@ -765,7 +792,7 @@ export class ImageProxy implements AsyncDisposable {
         );
       }
       if (skip > 0 || (size >= 0 && received !== size)) {
-        const exit = this.#exit ?? await Promise.race([transport.exited, delay(200)]);
+        const exit = this.#exit ?? await within(transport.exited, 200);
         if (exit) throw exitError(exit);
         throw new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
       }
@@ -976,11 +1003,24 @@ function exitError(exit: ChildExit): ProxyExitedError {
   return new ProxyExitedError(exit, exit.stderrTail);
 }
 
+/** `promise`, or `undefined` once `ms` have passed; the timer never outlives the race. */
+async function within<T>(promise: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms)),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 function delay(ms: number): Promise<undefined> {
   return new Promise((resolve) => setTimeout(() => resolve(undefined), ms));
 }
 
-/** Races a transport operation against the child's exit; a late reply's fds are closed. */
+/** Races a transport operation against the child's exit (used once, for Initialize); a late reply's fds are closed. */
 async function raceExit<T extends { fds: number[] }>(
   transport: Transport,
   operation: Promise<T>,
@@ -989,7 +1029,7 @@ async function raceExit<T extends { fds: number[] }>(
   const result = await Promise.race([operation.then((value) => ({ value })), exited]);
   if ("value" in result) return result.value;
   // The child is gone: a reply may still be in the socket; take it if it is complete.
-  const late = await Promise.race([operation.then((value) => ({ value }), () => undefined), delay(50)]);
+  const late = await within(operation.then((value) => ({ value }), () => undefined), 50);
   if (late && "value" in late) return late.value;
   operation.then((value) => closeAll(transport, value.fds), () => {});
   throw exitError(result.exit);
@@ -998,7 +1038,7 @@ async function raceExit<T extends { fds: number[] }>(
 /** Turns a transport failure into the error a caller should see. */
 async function exitedError(transport: Transport, err: unknown, context?: string): Promise<ImageProxyError> {
   if (err instanceof ImageProxyError) return err;
-  const exit = await Promise.race([transport.exited, delay(EXIT_WAIT_MS)]);
+  const exit = await within(transport.exited, EXIT_WAIT_MS);
   if (exit) return new ProxyExitedError(exit, exit.stderrTail, context);
   return new ProtocolError(`Lost the connection to the image proxy: ${(err as Error)?.message ?? err}`, {
     cause: err,

@@ -32,6 +32,7 @@ import {
   MFD_CLOEXEC,
   MSG_CMSG_CLOEXEC,
   MSG_CTRUNC,
+  MSG_DONTWAIT,
   MSG_NOSIGNAL,
   MSG_TRUNC,
   MSGHDR_SIZE,
@@ -49,6 +50,7 @@ const SYMBOLS = {
   socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize", nonblocking: true },
+  recvmsgNow: { name: "recvmsg", parameters: ["i32", "buffer", "i32"], result: "isize" },
   read: { parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   close: { parameters: ["i32"], result: "i32" },
@@ -71,19 +73,31 @@ const REPLY_BUFFER_SIZE = 1 << 20;
 const MAX_FDS = 16;
 /** Read size for small payload pipes; blob pipes read up to their (grown) pipe size. */
 const SMALL_READ = 64 * 1024;
+/**
+ * Non-blocking receive attempts before handing the wait to the thread pool. skopeo answers most
+ * requests within microseconds, and a thread-pool hop costs tens of them; the spin is bounded (a few
+ * hundred microseconds at most) so the event loop is never held for long.
+ */
+const RECEIVE_SPINS = 1000;
+/** Reads land in the free tail of a slab this big, so no read allocates (and zeroes) a fresh buffer. */
+const SLAB_SIZE = 4 << 20;
 
 /**
  * Deno does not count a pending nonblocking FFI call as work that keeps the program alive, so a
  * program awaiting only a reply would exit. A ref'd timer is held while any such call is pending.
  */
 let pendingCalls = 0;
-let keepAlive: ReturnType<typeof setInterval> | undefined;
+let keepAlive: number | undefined;
 async function whilePending<T>(call: Promise<T>): Promise<T> {
-  if (pendingCalls++ === 0) keepAlive = setInterval(() => {}, 1 << 30);
+  if (pendingCalls++ === 0) {
+    // One timer for the process, ref'd and unref'd: cheaper than a new timer per call.
+    keepAlive ??= setInterval(() => {}, 1 << 30) as unknown as number;
+    Deno.refTimer(keepAlive);
+  }
   try {
     return await call;
   } finally {
-    if (--pendingCalls === 0) clearInterval(keepAlive);
+    if (--pendingCalls === 0) Deno.unrefTimer(keepAlive!);
   }
 }
 
@@ -157,7 +171,14 @@ class DenoTransport implements Transport {
       for (let attempt = 0;; attempt++) {
         if (this.#socket < 0) throw new Error("The socket is closed");
         resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
-        const n = Number(await whilePending(this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC)));
+        let n = -1;
+        for (let spin = 0; spin < RECEIVE_SPINS && n < 0; spin++) {
+          n = Number(this.#lib.recvmsgNow(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT));
+        }
+        if (n < 0) {
+          resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
+          n = Number(await whilePending(this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC)));
+        }
         if (n < 0) {
           // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
           if (attempt < 3) continue;
@@ -195,9 +216,16 @@ class DenoTransport implements Transport {
       closed = true;
       lib.close(fd);
     };
+    let slab = new Uint8Array(0);
+    let used = 0;
     return new ReadableStream<Uint8Array>({
       async pull(controller) {
-        const buffer = new Uint8Array(readSize);
+        // Chunks handed out are views of the slab; a new slab starts when the tail is too short.
+        if (slab.length - used < readSize) {
+          slab = new Uint8Array(Math.max(SLAB_SIZE, readSize));
+          used = 0;
+        }
+        const buffer = slab.subarray(used, used + readSize);
         reading = true;
         let n: number;
         try {
@@ -221,8 +249,8 @@ class DenoTransport implements Transport {
           controller.close();
           return;
         }
-        // Hand the buffer over without copying when it is mostly full; copy small reads.
-        controller.enqueue(n * 2 >= buffer.length ? buffer.subarray(0, n) : buffer.slice(0, n));
+        used += n;
+        controller.enqueue(buffer.subarray(0, n));
       },
       cancel() {
         if (reading) closed = true; // the pending read closes it when it returns

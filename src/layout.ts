@@ -34,6 +34,11 @@ export interface WriteLayoutOptions {
   signal?: AbortSignal;
   /** Called as layer bytes arrive (often: throttle any display). */
   onProgress?: (progress: LayerProgress) => void;
+  /**
+   * How many blobs stream at once on the one proxy (default 3). skopeo hashes each GetBlob copy on its
+   * own goroutine, so several at once use a second core where one cannot.
+   */
+  concurrency?: number;
 }
 
 /** One blob of the written layout. */
@@ -304,47 +309,74 @@ export async function writeLayout(
   await mkdir(`${dir}/blobs/sha256`, { recursive: true });
   await ensureLayoutFile(dir);
 
+  // One failure stops the other blobs at once, so that no stream is left open behind the error.
+  const stop = new AbortController();
+  const fetchSignal = signal ? AbortSignal.any([signal, stop.signal]) : stop.signal;
   const fetchBlob = (descriptor: Descriptor) => () =>
     options.rawBlobs
-      ? proxy.getRawBlob(image, descriptor.digest, { signal })
-      : proxy.getDescriptor(image, descriptor, { signal });
+      ? proxy.getRawBlob(image, descriptor.digest, { signal: fetchSignal })
+      : proxy.getDescriptor(image, descriptor, { signal: fetchSignal });
   const notes: string[] = [];
-  let bytesFetched = 0;
+  const totalBytes = parsed.layers.reduce((n, l) => n + l.size, 0);
+  let bytes = 0;
 
   signal?.throwIfAborted();
-  const configStored = await storeBlob(dir, parsed.config, fetchBlob(parsed.config), () => {});
-  bytesFetched += configStored.fetched;
+  // The config and the layers share one pool; index -1 is the config.
+  const stored: { head: Uint8Array; fetched: number; skipped: boolean }[] = [];
+  let configStored: { head: Uint8Array; fetched: number; skipped: boolean } | undefined;
+  const jobs = [-1, ...parsed.layers.keys()];
+  const concurrency = Math.max(1, Math.min(options.concurrency ?? 3, jobs.length));
+  let next = 0;
+  const worker = async () => {
+    while (next < jobs.length) {
+      const i = jobs[next++];
+      fetchSignal.throwIfAborted();
+      if (i < 0) {
+        configStored = await storeBlob(dir, parsed.config, fetchBlob(parsed.config), () => {});
+        continue;
+      }
+      const layer = parsed.layers[i];
+      let layerBytes = 0;
+      const report = () =>
+        onProgress?.({
+          layer: i + 1,
+          layers: parsed.layers.length,
+          layerBytes,
+          layerSize: layer.size,
+          bytes,
+          totalBytes,
+        });
+      report();
+      stored[i] = await storeBlob(dir, layer, fetchBlob(layer), (n) => {
+        layerBytes += n;
+        bytes += n;
+        report();
+      });
+    }
+  };
+  const results = await Promise.allSettled(Array.from({ length: concurrency }, () =>
+    worker().catch((err) => {
+      stop.abort(err);
+      throw err;
+    })));
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (failed) {
+    // Report the user's abort, or the first real failure rather than the aborts it caused.
+    throw signal?.aborted ? signal.reason : stop.signal.reason ?? failed.reason;
+  }
+
+  let bytesFetched = configStored!.fetched;
   const config: LayoutBlob = {
     digest: parsed.config.digest,
     size: parsed.config.size,
     mediaType: parsed.config.mediaType,
-    skipped: configStored.skipped,
+    skipped: configStored!.skipped,
   };
-
   const layers: LayoutResult["layers"] = [];
-  const totalBytes = parsed.layers.reduce((n, l) => n + l.size, 0);
-  let bytes = 0;
   let corrected = false;
   for (const [i, layer] of parsed.layers.entries()) {
-    signal?.throwIfAborted();
-    let layerBytes = 0;
-    const report = () =>
-      onProgress?.({
-        layer: i + 1,
-        layers: parsed.layers.length,
-        layerBytes,
-        layerSize: layer.size,
-        bytes,
-        totalBytes,
-      });
-    report();
-    const stored = await storeBlob(dir, layer, fetchBlob(layer), (n) => {
-      layerBytes += n;
-      bytes += n;
-      report();
-    });
-    bytesFetched += stored.fetched;
-    const found = detectCompression(stored.head);
+    bytesFetched += stored[i].fetched;
+    const found = detectCompression(stored[i].head);
     const compression: Compression = found === "gzip" || found === "zstd" ? found : "none";
     let mediaType = layer.mediaType;
     const claimed = OCI_LAYER_TYPES[mediaType];
@@ -358,7 +390,13 @@ export async function writeLayout(
       parsed.layers[i] = { ...layer, mediaType };
       corrected = true;
     }
-    layers.push({ digest: layer.digest, size: layer.size, mediaType, skipped: stored.skipped, compression });
+    layers.push({
+      digest: layer.digest,
+      size: layer.size,
+      mediaType,
+      skipped: stored[i].skipped,
+      compression,
+    });
   }
 
   const manifestBytes = corrected ? new TextEncoder().encode(JSON.stringify(parsed)) : raw;

@@ -110,6 +110,7 @@ for (const server of SERVERS) {
     await assert.rejects(
       writeLayout(proxy, image, dir, {
         signal: controller.signal,
+        concurrency: 1, // one blob at a time, so that the first layer is complete when the abort comes
         onProgress: (p) => {
           if (p.layer === 2 && p.layerBytes > 0) controller.abort(new Error("stop"));
         },

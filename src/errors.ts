@@ -52,6 +52,16 @@ export class ProxyTooOldError extends ImageProxyError {
   }
 }
 
+/** The first skopeo release whose proxy speaks at least each protocol version. */
+const FIRST_SKOPEO: Record<string, string> = {
+  "0.2.3": "1.9",
+  "0.2.4": "1.11",
+  "0.2.5": "1.11",
+  "0.2.6": "1.13",
+  "0.2.7": "1.19",
+  "0.2.8": "1.19",
+};
+
 /** The method exists in the protocol, but not in the version this proxy speaks. */
 export class UnsupportedMethodError extends ImageProxyError {
   /** The protocol method, in the protocol's words (`GetRawBlob`). */
@@ -62,8 +72,11 @@ export class UnsupportedMethodError extends ImageProxyError {
   readonly protocolVersion: string;
   /** Creates the error for `method`, which needs `requiredVersion` while the proxy speaks `protocolVersion`. */
   constructor(method: string, requiredVersion: string, protocolVersion: string) {
+    const skopeo = FIRST_SKOPEO[requiredVersion];
     super(
-      `Method "${method}" needs proxy protocol version ${requiredVersion} or newer, but this proxy speaks ${protocolVersion}`,
+      `Method "${method}" needs proxy protocol version ${requiredVersion} or newer${
+        skopeo ? ` (skopeo ${skopeo} or newer)` : ""
+      }, but this proxy speaks ${protocolVersion}`,
     );
     this.name = "UnsupportedMethodError";
     this.method = method;
@@ -75,6 +88,19 @@ export class UnsupportedMethodError extends ImageProxyError {
 /** The error codes a 0.2.8 proxy attaches to a failed reply or a raw blob's error pipe. */
 export type ProxyErrorCode = "EPIPE" | "retryable" | "other";
 
+/** What to do about the setup mistakes skopeo reports in its own words. */
+const HINTS: [RegExp, string][] = [
+  [
+    /x509:|failed to verify certificate/,
+    'set "certificateDirectory" to a folder holding the registry\'s CA as ca.crt, or "insecureSkipTlsVerification"',
+  ],
+  [
+    /server gave HTTP response to HTTPS client/,
+    'the registry speaks plain HTTP: set "insecureSkipTlsVerification", or insecure = true in registries.conf',
+  ],
+  [/authentication required|unauthorized/, 'pass credentials with "authfile" or "authData"'],
+];
+
 /** The proxy answered a request with `success: false`. */
 export class RequestError extends ImageProxyError {
   /** The protocol method that failed. */
@@ -85,7 +111,8 @@ export class RequestError extends ImageProxyError {
   readonly errorCode: ProxyErrorCode | undefined;
   /** Creates the error for a failed reply to `method`. */
   constructor(method: string, serverMessage: string, errorCode?: ProxyErrorCode, context?: string) {
-    super(`${method}${context ? ` ${context}` : ""} failed: ${serverMessage}`);
+    const hint = HINTS.find(([pattern]) => pattern.test(serverMessage))?.[1];
+    super(`${method}${context ? ` ${context}` : ""} failed: ${serverMessage}${hint ? ` (${hint})` : ""}`);
     this.name = "RequestError";
     this.method = method;
     this.serverMessage = serverMessage;

@@ -26,8 +26,14 @@ export interface CliResult {
 const MAIN = join(ROOT, "src", "cli", "main.ts");
 const DENO_FLAGS = ["--allow-ffi", "--allow-run", "--allow-env", "--allow-read", "--allow-write"];
 
-/** The command line that starts the CLI under the runtime running the tests. */
+/**
+ * The command line that starts the CLI: the single binary named by IMAGE_PROXY_BIN (CI builds one
+ * with `bun build --compile` and runs the CLI tests against it), else the source under the runtime
+ * running the tests.
+ */
 export function cliCommand(): string[] {
+  const binary = process.env.IMAGE_PROXY_BIN;
+  if (binary) return [binary];
   return RUNTIME === "deno" ? [process.execPath, "run", ...DENO_FLAGS, MAIN] : [process.execPath, MAIN];
 }
 

@@ -7,7 +7,9 @@ import {
   ImageReference,
   InvalidReferenceError,
   ProtocolError,
+  RequestError,
   skopeoArgv,
+  UnsupportedMethodError,
 } from "../mod.ts";
 import { decodeReply, encodeRequest, MAX_REQUEST_SIZE, versionAtLeast } from "../src/protocol.ts";
 import {

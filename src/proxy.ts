@@ -71,6 +71,8 @@ const EXIT_WAIT_MS = 3000;
 const BLOB_PIPE_SIZE = 1 << 20;
 /** Signature policy is enforced at OpenImage from this protocol version on. */
 const POLICY_VERSION = "0.2.6";
+/** A pipe with less free room than a page is full: its writer is blocked in write(). */
+const PAGE_SIZE = 4096;
 /** How long shutdown waits for skopeo to exit by itself before it is killed. */
 const SHUTDOWN_GRACE_MS = 2000;
 
@@ -314,7 +316,7 @@ export class ImageProxy implements AsyncDisposable {
     try {
       digest = expectString("GetManifest", reply.value);
     } catch (err) {
-      await this.#discardPipe(fds[0], reply.pipeid);
+      await this.#discardPipe(fds[0], reply.pipeid, "memory");
       throw err;
     }
     const raw = await this.#readPayload("GetManifest", fds[0], reply.pipeid);
@@ -403,7 +405,7 @@ export class ImageProxy implements AsyncDisposable {
       }
       options.signal?.throwIfAborted();
     } catch (err) {
-      await this.#discardPipe(fd, reply.pipeid);
+      await this.#discardPipe(fd, reply.pipeid, "blob");
       throw err;
     }
     const stream = this.#verifiedStream(fd, reply.pipeid, digest, size, serverSize < 0, options);
@@ -480,7 +482,13 @@ export class ImageProxy implements AsyncDisposable {
   }
 
   /** Queues one request; resolves with its validated reply and the fds it carried. */
-  #call(method: Method, args: unknown[], shape: FdShape, context?: string): Promise<Received> {
+  #call(
+    method: Method,
+    args: unknown[],
+    shape: FdShape,
+    context?: string,
+    timeoutMs = this.#timeouts.requestTimeoutMs,
+  ): Promise<Received> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     if (!this.supports(method)) {
       return Promise.reject(
@@ -498,7 +506,7 @@ export class ImageProxy implements AsyncDisposable {
       let received;
       const request = this.#transport.request(packet);
       try {
-        received = await this.#untilExit(this.#withTimeout(method, request), request);
+        received = await this.#untilExit(this.#withTimeout(method, request, timeoutMs), request);
       } catch (err) {
         throw await exitedError(this.#transport, err);
       }
@@ -534,8 +542,7 @@ export class ImageProxy implements AsyncDisposable {
   }
 
   /** Applies `requestTimeoutMs`: an unanswered request stops the proxy, whose answer would come out of turn. */
-  async #withTimeout(method: Method, request: Promise<ReceivedPacket>): Promise<ReceivedPacket> {
-    const ms = this.#timeouts.requestTimeoutMs;
+  async #withTimeout(method: Method, request: Promise<ReceivedPacket>, ms: number): Promise<ReceivedPacket> {
     if (ms <= 0) return await request;
     let timer: ReturnType<typeof setTimeout> | undefined;
     const expired = new Promise<"expired">((resolve) => {
@@ -556,9 +563,15 @@ export class ImageProxy implements AsyncDisposable {
   }
 
   /** Settles a pipe the caller will not read: close our end, then let the server finish it. */
-  async #discardPipe(fd: number, pipeid: number): Promise<void> {
+  async #discardPipe(fd: number, pipeid: number, writer: "memory" | "blob"): Promise<void> {
+    // A writer copying from memory ends at once with EPIPE once our end is closed. A blob's writer may
+    // be reading a stalled source: as for a cancelled blob, FinishPipe only when it is surely blocked
+    // on a full pipe.
+    const fill = writer === "blob" ? this.#transport.pipeFill?.(fd) : undefined;
     this.#transport.closeFd(fd);
-    await this.#call("FinishPipe", [pipeid], "none").catch(() => {});
+    if (writer === "blob" && (!fill || fill.queued < fill.capacity - PAGE_SIZE)) return;
+    const guard = this.#timeouts.blobIdleTimeoutMs || this.#timeouts.requestTimeoutMs;
+    await this.#call("FinishPipe", [pipeid], "none", undefined, guard).catch(() => {});
   }
 
   /** Reads a small pipe to the end while FinishPipe waits for the server's writer. */
@@ -694,10 +707,18 @@ export class ImageProxy implements AsyncDisposable {
     };
     return this.#guardedStream(digest, options.signal, step, (how) => {
       if (how === "done") return;
+      // FinishPipe waits for the server's writer and holds the whole server meanwhile. With our end
+      // closed, a writer blocked on a full pipe ends at once with EPIPE; one reading a source that
+      // stalled never does, and nothing tells a slow source from a stalled one. So FinishPipe is sent
+      // only when the pipe is full, and otherwise the pipe is left to the server: its copy ends with
+      // EPIPE once data flows again, and its write end closes when skopeo exits.
+      const fill = finish || stalled ? undefined : this.#transport.pipeFill?.(fd);
       reader.cancel().catch(() => {});
-      // A stalled writer would hold FinishPipe, and with it the whole server, forever: leave that pipe
-      // to the server (its goroutine ends with EPIPE once data flows again, or with the proxy).
-      if (!stalled) startFinish().catch(() => {});
+      if (finish || !fill || fill.queued < fill.capacity - PAGE_SIZE) return;
+      // Guarded all the same: a proxy that does not answer is stopped rather than left wedged.
+      const guard = idleMs > 0 ? Math.max(idleMs, 1000) : this.#timeouts.requestTimeoutMs;
+      finish = this.#call("FinishPipe", [pipeid], "none", undefined, guard).then(() => {});
+      finish.catch(() => {});
     });
   }
 

@@ -54,6 +54,11 @@ export interface Transport {
   openStream(fd: number, options?: FdStreamOptions): ReadableStream<Uint8Array>;
   /** Closes a received fd the core does not want. */
   closeFd(fd: number): void;
+  /**
+   * How full a pipe we read from is: the bytes waiting in it and its capacity. A full pipe means its
+   * writer is blocked writing, so it ends at once with EPIPE when we close our end.
+   */
+  pipeFill?(fd: number): { queued: number; capacity: number } | undefined;
   /** Settles once the child has exited, with its status and stderr tail. Never rejects. */
   readonly exited: Promise<ChildExit>;
   /** The child's process id, when there is one. */

@@ -2,6 +2,7 @@
 // tests build themselves. Every test checks that no fd leaked and no child was left behind.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { gunzipSync } from "node:zlib";
 import {
@@ -40,6 +41,28 @@ async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> 
     offset += chunk.length;
   }
   return out;
+}
+
+/** The number of pipe fds open in process `pid`. */
+function processPipes(pid: number): number {
+  const links = execFileSync("sh", ["-c", `ls -l /proc/${pid}/fd`], { encoding: "utf8" });
+  return links.split("\n").filter((line) => line.includes("-> pipe:")).length;
+}
+
+/** Waits until `value()` has not changed for `quietMs` (polling, no fixed sleep), failing after `ms`. */
+async function waitForStable(value: () => string, quietMs: number, ms: number): Promise<void> {
+  const deadline = Date.now() + ms;
+  let last = value();
+  let since = Date.now();
+  while (Date.now() - since < quietMs) {
+    if (Date.now() > deadline) throw new Error(`Still changing after ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 10));
+    const now = value();
+    if (now !== last) {
+      last = now;
+      since = Date.now();
+    }
+  }
 }
 
 function sha256(data: Uint8Array): string {
@@ -370,6 +393,26 @@ for (const server of SERVERS) {
       await reader.cancel();
       const again = await proxy.getBlob(img, layer.digest, layer.size);
       assert.deepEqual(await readAll(again.stream), layer.data);
+    });
+  });
+
+  test(`a cancelled blob whose pipe is full is settled with FinishPipe and skopeo closes its end ${at}`, async () => {
+    await withProxy(server, async (proxy) => {
+      const pid = proxy.pid!;
+      const img = await proxy.openImage(LATEST);
+      const layer = fixtures.image.layers[1]; // 2.5 MB: more than the 1 MiB pipe and one read hold
+      const baseline = processPipes(pid);
+      const { stream } = await proxy.getBlob(img, layer.digest, layer.size);
+      assert.equal(processPipes(pid), baseline + 1, "the pipe's write end is open in skopeo");
+      // skopeo stops reading the layer once the pipe is full and its writer blocks.
+      await waitForStable(() => readProcFile(`/proc/${pid}/io`).match(/^rchar: (\d+)/m)![1], 150, 5000);
+      await stream.cancel();
+      await waitFor(
+        () => processPipes(pid) === baseline,
+        3000,
+        "skopeo to close the write end after FinishPipe",
+      );
+      assert.equal((await proxy.fetchManifest(img)).digest, fixtures.image.manifest.digest);
     });
   });
 

@@ -25,9 +25,11 @@ import {
   AF_UNIX,
   cmsgSpaceForFds,
   F_GETFD,
+  F_GETPIPE_SZ,
   F_SETFD,
   F_SETPIPE_SZ,
   FD_CLOEXEC,
+  FIONREAD,
   IOVEC_SIZE,
   MFD_CLOEXEC,
   MSG_CMSG_CLOEXEC,
@@ -56,6 +58,7 @@ const SYMBOLS = {
   close: { parameters: ["i32"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
 } as const;
 
@@ -261,6 +264,13 @@ class DenoTransport implements Transport {
 
   closeFd(fd: number): void {
     this.#lib.close(fd);
+  }
+
+  pipeFill(fd: number): { queued: number; capacity: number } | undefined {
+    const queued = new Int32Array(1);
+    if (this.#lib.ioctl(fd, BigInt(FIONREAD), queued) !== 0) return undefined;
+    const capacity = this.#lib.fcntl(fd, F_GETPIPE_SZ, 0);
+    return capacity > 0 ? { queued: queued[0], capacity } : undefined;
   }
 
   createHasher(algorithm: string): Hasher | undefined {

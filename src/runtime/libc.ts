@@ -42,6 +42,12 @@ export const FD_CLOEXEC = 1;
 export const O_NONBLOCK = 0o4000;
 /** `F_SETPIPE_SZ`. */
 export const F_SETPIPE_SZ = 1031;
+/** `F_GETPIPE_SZ`. */
+export const F_GETPIPE_SZ = 1032;
+/** `FIONREAD`: bytes waiting to be read. */
+export const FIONREAD = 0x541b;
+/** `O_CLOEXEC`. */
+export const O_CLOEXEC = 0o2000000;
 /** `MFD_CLOEXEC`. */
 export const MFD_CLOEXEC = 1;
 /** `EINTR`. */

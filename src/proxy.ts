@@ -28,6 +28,7 @@ import {
   SpawnError,
   UnsupportedMethodError,
 } from "./errors.ts";
+import { within } from "./async.ts";
 import { createHasher } from "./hash.ts";
 import {
   checkConfiguration,
@@ -73,6 +74,8 @@ const BLOB_PIPE_SIZE = 1 << 20;
 const POLICY_VERSION = "0.2.6";
 /** A pipe with less free room than a page is full: its writer is blocked in write(). */
 const PAGE_SIZE = 4096;
+/** How long a cancelled GetBlob stream waits for data that shows its copy is alive (see cancel). */
+const CANCEL_PROBE_MS = 2000;
 /** How long shutdown waits for skopeo to exit by itself before it is killed. */
 const SHUTDOWN_GRACE_MS = 2000;
 
@@ -564,14 +567,15 @@ export class ImageProxy implements AsyncDisposable {
 
   /** Settles a pipe the caller will not read: close our end, then let the server finish it. */
   async #discardPipe(fd: number, pipeid: number, writer: "memory" | "blob"): Promise<void> {
-    // A writer copying from memory ends at once with EPIPE once our end is closed. A blob's writer may
-    // be reading a stalled source: as for a cancelled blob, FinishPipe only when it is surely blocked
-    // on a full pipe.
-    const fill = writer === "blob" ? this.#transport.pipeFill?.(fd) : undefined;
+    if (writer === "blob") {
+      // A blob's writer may be reading a stalled source: settle it as a cancelled blob is.
+      const reader = this.#transport.openStream(fd).getReader();
+      await this.#settleCancelled(fd, pipeid, reader, false, this.#timeouts.blobIdleTimeoutMs);
+      return;
+    }
+    // A writer copying from memory ends at once with EPIPE once our end is closed.
     this.#transport.closeFd(fd);
-    if (writer === "blob" && (!fill || fill.queued < fill.capacity - PAGE_SIZE)) return;
-    const guard = this.#timeouts.blobIdleTimeoutMs || this.#timeouts.requestTimeoutMs;
-    await this.#call("FinishPipe", [pipeid], "none", undefined, guard).catch(() => {});
+    await this.#call("FinishPipe", [pipeid], "none").catch(() => {});
   }
 
   /** Reads a small pipe to the end while FinishPipe waits for the server's writer. */
@@ -706,20 +710,43 @@ export class ImageProxy implements AsyncDisposable {
       return "done";
     };
     return this.#guardedStream(digest, options.signal, step, (how) => {
-      if (how === "done") return;
-      // FinishPipe waits for the server's writer and holds the whole server meanwhile. With our end
-      // closed, a writer blocked on a full pipe ends at once with EPIPE; one reading a source that
-      // stalled never does, and nothing tells a slow source from a stalled one. So FinishPipe is sent
-      // only when the pipe is full, and otherwise the pipe is left to the server: its copy ends with
-      // EPIPE once data flows again, and its write end closes when skopeo exits.
-      const fill = finish || stalled ? undefined : this.#transport.pipeFill?.(fd);
-      reader.cancel().catch(() => {});
-      if (finish || !fill || fill.queued < fill.capacity - PAGE_SIZE) return;
-      // Guarded all the same: a proxy that does not answer is stopped rather than left wedged.
-      const guard = idleMs > 0 ? Math.max(idleMs, 1000) : this.#timeouts.requestTimeoutMs;
-      finish = this.#call("FinishPipe", [pipeid], "none", undefined, guard).then(() => {});
-      finish.catch(() => {});
+      if (how === "done" || finish) {
+        reader.cancel().catch(() => {});
+        return;
+      }
+      this.#settleCancelled(fd, pipeid, reader, stalled, idleMs).catch(() => {});
     });
+  }
+
+  /**
+   * Settles the server side of a GetBlob stream given up before its end. FinishPipe waits for skopeo's
+   * writer while holding the whole server. With our end closed, a writer that is sending ends at once
+   * with EPIPE, but one reading a stalled source never does. So FinishPipe is sent only once the copy
+   * shows it is alive: the pipe is full (its writer is blocked writing), or more data arrives within a
+   * short probe. Otherwise the pipe is left to skopeo, whose copy ends with EPIPE if data flows again
+   * and whose write end closes when it exits. Resolves once settled either way; never rejects.
+   */
+  async #settleCancelled(
+    fd: number,
+    pipeid: number,
+    reader: ReadableStreamDefaultReader<Uint8Array>,
+    stalled: boolean,
+    idleMs: number,
+  ): Promise<void> {
+    let alive = false;
+    if (!stalled) {
+      const fill = this.#transport.pipeFill?.(fd);
+      alive = fill !== undefined && fill.queued >= fill.capacity - PAGE_SIZE;
+      if (!alive) {
+        const probeMs = Math.min(idleMs > 0 ? idleMs : CANCEL_PROBE_MS, CANCEL_PROBE_MS);
+        alive = (await within(reader.read().then((r) => !r.done, () => false), probeMs)) === true;
+      }
+    }
+    reader.cancel().catch(() => {});
+    if (!alive || this.#closedError || this.#exit) return;
+    // Guarded all the same: a source that stalls just now must not wedge the proxy for good.
+    const guard = idleMs > 0 ? Math.max(idleMs, 1000) : this.#timeouts.requestTimeoutMs;
+    await this.#call("FinishPipe", [pipeid], "none", undefined, guard).catch(() => {});
   }
 
   /** Explains a pipe that ended before `size` bytes: the proxy died, or the server gave up. */
@@ -1022,19 +1049,6 @@ function blobFailure(err: unknown, digest: string): ImageProxyError {
 
 function exitError(exit: ChildExit): ProxyExitedError {
   return new ProxyExitedError(exit, exit.stderrTail);
-}
-
-/** `promise`, or `undefined` once `ms` have passed; the timer never outlives the race. */
-async function within<T>(promise: Promise<T>, ms: number): Promise<T | undefined> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms)),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 function delay(ms: number): Promise<undefined> {

@@ -11,7 +11,8 @@
  * @module
  */
 
-import { SpawnError } from "../errors.ts";
+import { within } from "../async.ts";
+import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
   FdStreamOptions,
@@ -170,13 +171,6 @@ function startWorker(): BunWorker {
   return worker;
 }
 
-function delay(ms: number): Promise<undefined> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => resolve(undefined), ms);
-    (timer as unknown as { unref?: () => void }).unref?.();
-  });
-}
-
 class BunTransport implements Transport {
   readonly exited: Promise<ChildExit>;
   readonly pid: number;
@@ -231,7 +225,7 @@ class BunTransport implements Transport {
     const stderrDone = stderr?.done ?? Promise.resolve();
     this.exited = child.exited.then(async () => {
       // stderr may be held open by a grandchild; do not wait for it long.
-      await Promise.race([stderrDone, delay(200)]);
+      await within(stderrDone, 200);
       const signal = child.signalCode ?? null;
       return {
         code: signal ? null : child.exitCode,
@@ -284,7 +278,7 @@ class BunTransport implements Transport {
       if (result.n === 0 && result.fds.length === 0) throw new Error("The image proxy closed the connection");
       if (result.flags & (MSG_TRUNC | MSG_CTRUNC)) {
         for (const fd of result.fds) this.closeFd(fd);
-        throw new Error(
+        throw new ProtocolError(
           result.flags & MSG_TRUNC
             ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
             : "Reply carried more file descriptors than expected",
@@ -403,12 +397,11 @@ class BunTransport implements Transport {
       this.#lib.shutdown(socket, SHUT_RDWR);
       await this.#stopReceiver(socket);
     }
-    const timeout = (ms: number) => new Promise<undefined>((r) => setTimeout(() => r(undefined), ms));
-    let exit = await Promise.race([this.exited, timeout(graceMs)]);
+    let exit = await within(this.exited, graceMs);
     if (!exit) {
       this.#killed = true;
       this.#kill("SIGTERM");
-      exit = await Promise.race([this.exited, timeout(1000)]);
+      exit = await within(this.exited, 1000);
       if (!exit) this.#kill("SIGKILL");
       exit = await this.exited;
     }

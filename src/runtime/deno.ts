@@ -11,6 +11,7 @@
  */
 
 import { createHash } from "node:crypto";
+import { within } from "../async.ts";
 import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
@@ -143,7 +144,7 @@ class DenoTransport implements Transport {
     const stderrDone = stderr ? pumpStderr(child.stderr, stderr) : Promise.resolve();
     this.exited = child.status.then(async (status) => {
       // stderr may be held open by a grandchild; do not wait for it long.
-      await Promise.race([stderrDone, new Promise((r) => setTimeout(r, 200))]);
+      await within(stderrDone, 200);
       return {
         code: status.signal ? null : status.code,
         signal: status.signal ?? null,
@@ -302,12 +303,11 @@ class DenoTransport implements Transport {
         wait();
       }
     }
-    const timeout = (ms: number) => new Promise<undefined>((r) => setTimeout(() => r(undefined), ms));
-    let exit = await Promise.race([this.exited, timeout(graceMs)]);
+    let exit = await within(this.exited, graceMs);
     if (!exit) {
       this.#killed = true;
       this.#kill("SIGTERM");
-      exit = await Promise.race([this.exited, timeout(1000)]);
+      exit = await within(this.exited, 1000);
       if (!exit) this.#kill("SIGKILL");
       exit = await this.exited;
     }

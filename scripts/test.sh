@@ -1,22 +1,45 @@
 #!/usr/bin/env bash
-# The whole test suite, under Deno and then Bun, against both real skopeo servers. Installs what it
-# needs first (.ci/setup is idempotent). Ends with one line: "N passed, N failed".
+# The whole test suite: deno test and bun test on tests/ (both skopeo servers, a real registry), the
+# CLI tests again against the `bun build --compile` single binary, and short runs of the benchmark and
+# soak so they cannot rot. Installs what it needs first (.ci/setup is idempotent).
+# Ends with one line: "N passed, N failed", summing every runner.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup || { echo "0 passed, 1 failed"; exit 1; }
 export PATH="$PWD/.tools/bin:$PATH"
 reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
+extra=()
 
-# Exactly the permissions the library needs, plus read/write for fixtures in the temp folder.
+# What the library needs (ffi, run, env) plus what the tests do themselves: fixtures in the temp
+# folder (read, write) and a registry stand-in on loopback (net).
 DENO_PERMS=(--allow-ffi --allow-run --allow-env --allow-read --allow-write --allow-net=127.0.0.1,localhost)
 
 echo "== deno test"
 timeout 900 deno test "${DENO_PERMS[@]}" --junit-path="$reports/deno.xml" tests/
-deno_rc=$?
+
 echo "== bun test"
 timeout 900 bun test --timeout 120000 --reporter=junit --reporter-outfile="$reports/bun.xml" tests/
-bun_rc=$?
-node scripts/junit-summary.mjs "$reports/deno.xml" "$reports/bun.xml"
-summary_rc=$?
-[ $deno_rc -eq 0 ] && [ $bun_rc -eq 0 ] && [ $summary_rc -eq 0 ]
+
+echo "== the CLI tests against the bun build --compile binary"
+rm -f dist/image-proxy-bun
+if timeout 300 bun build --compile src/cli/main.ts --outfile dist/image-proxy-bun; then
+  IMAGE_PROXY_BIN="$PWD/dist/image-proxy-bun" timeout 600 bun test --timeout 120000 --reporter=junit \
+    --reporter-outfile="$reports/binary.xml" tests/cli_test.ts
+else
+  echo "bun build --compile failed"
+fi
+
+echo "== bench/run.ts --quick"
+timeout 600 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/run.ts --quick
+extra+=("bench --quick=$?")
+
+echo "== bench/soak.ts --quick (Deno, then Bun)"
+timeout 300 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi --v8-flags=--expose-gc \
+  bench/soak.ts --quick
+extra+=("soak --quick under deno=$?")
+timeout 300 bun bench/soak.ts --quick
+extra+=("soak --quick under bun=$?")
+
+node scripts/junit-summary.mjs "$reports/deno.xml" "$reports/bun.xml" "$reports/binary.xml" \
+  "${extra[@]/#/--check=}"

@@ -1,10 +1,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 import { buildFixtures, noise } from "./helpers/fixtures.ts";
 import { SERVERS } from "./helpers/env.ts";
-import { type CliResult, digestOf, runCli, tempDir } from "./helpers/cli-helpers.ts";
+import { cliCommand, type CliResult, digestOf, runCli, tempDir } from "./helpers/cli-helpers.ts";
 import { type CliIo, run } from "../src/cli/main.ts";
 import { parseArgs, UsageError } from "../src/cli/args.ts";
 import { formatBytes, ProgressLine } from "../src/cli/progress.ts";
@@ -331,4 +332,32 @@ test("run shows progress on a terminal stderr, clears it, and keeps stdout pure 
   stderr.length = 0;
   assert.equal(await run({ ...io, args: ["-q", ...io.args] }), 0);
   assert.deepEqual(stderr, [], "--quiet draws nothing");
+});
+
+test("on a real terminal the progress goes to stderr while stdout carries the exact blob", () => {
+  const server = SERVERS[0];
+  assert.ok(server, "a skopeo server is needed");
+  const dir = tempDir("pty");
+  const out = join(dir, "blob.bin");
+  const transcript = join(dir, "terminal.txt");
+  const quote = (arg: string) => `'${arg.replaceAll("'", `'\\''`)}'`;
+  const command = [
+    ...cliCommand(),
+    "--skopeo",
+    server.skopeoCmd.join(" "),
+    "blob",
+    REF,
+    LAYER1.digest,
+    String(LAYER1.size),
+  ].map(quote).join(" ");
+  // util-linux script(1) runs the command on a pseudo-terminal: stderr is a terminal, stdout a file.
+  const result = spawnSync("script", ["-qefc", `${command} > ${quote(out)}`, transcript], {
+    encoding: "utf8",
+    timeout: 60_000,
+    env: { ...process.env, COLUMNS: "100" },
+  });
+  assert.equal(result.status, 0, `${result.stderr}\n${readFileSync(transcript, "utf8")}`);
+  assert.deepEqual(new Uint8Array(readFileSync(out)), LAYER1.data, "stdout is the blob, byte for byte");
+  const terminal = readFileSync(transcript, "utf8");
+  assert.match(terminal, /\r\x1b\[K/, "the progress line was drawn in place and cleared");
 });

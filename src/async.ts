@@ -19,3 +19,19 @@ export async function within<T>(promise: Promise<T>, ms: number): Promise<T | un
     clearTimeout(timer);
   }
 }
+
+/**
+ * Waits `graceMs` for a child to exit by itself, then sends SIGTERM, then SIGKILL after another
+ * second. Resolves with the exit and whether it had to be killed.
+ */
+export async function endChild<T>(
+  exited: Promise<T>,
+  kill: (signal: "SIGTERM" | "SIGKILL") => void,
+  graceMs: number,
+): Promise<{ exit: T; killed: boolean }> {
+  const exit = await within(exited, graceMs);
+  if (exit !== undefined) return { exit, killed: false };
+  kill("SIGTERM");
+  if ((await within(exited, 1000)) === undefined) kill("SIGKILL");
+  return { exit: await exited, killed: true };
+}

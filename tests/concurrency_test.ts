@@ -22,6 +22,7 @@ import {
   assertNoLeakedFds,
   openFds,
   processAlive,
+  readAll,
   ROOT,
   RUNTIME,
   type Server,
@@ -122,18 +123,6 @@ async function readToEnd(reader: ReadableStreamDefaultReader<Uint8Array>): Promi
     if (done) return received;
     received += value.length;
   }
-}
-
-async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  for await (const chunk of stream) chunks.push(chunk);
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return out;
 }
 
 function delay(ms: number): Promise<void> {

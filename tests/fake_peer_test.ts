@@ -18,7 +18,7 @@ import {
   UnsupportedMethodError,
 } from "../mod.ts";
 import { ImageProxy } from "../mod.ts";
-import { assertNoLeakedFds, openFds, processAlive, ROOT, waitFor } from "./helpers/env.ts";
+import { assertNoLeakedFds, openFds, processAlive, readAll, ROOT, waitFor } from "./helpers/env.ts";
 
 const FAKE = ["python3", join(ROOT, "tests", "helpers", "fake-skopeo.py")];
 const REF = "oci:/nonexistent/fake:latest";
@@ -259,12 +259,6 @@ function rawContent(n = RAW_BYTES): Uint8Array {
   return data;
 }
 const RAW_DIGEST = "sha256:" + createHash("sha256").update(rawContent()).digest("hex");
-
-async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  for await (const chunk of stream) chunks.push(chunk);
-  return new Uint8Array(Buffer.concat(chunks));
-}
 
 function callLog(): { path: string; count: (method: string) => number } {
   const path = join(mkdtempSync(join(tmpdir(), "cip-fake-")), "calls.log");

@@ -22,6 +22,7 @@ import {
   assertNoLeakedFds,
   openFds,
   processAlive,
+  readAll,
   readProcFile,
   type Server,
   SERVERS,
@@ -30,18 +31,6 @@ import {
 
 const fixtures = buildFixtures();
 const LATEST = `oci:${fixtures.layout}:latest`;
-
-async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  for await (const chunk of stream) chunks.push(chunk);
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return out;
-}
 
 /** The number of pipe fds open in process `pid`. */
 function processPipes(pid: number): number {

@@ -24,6 +24,7 @@ import {
   NEW_SERVER,
   openFds,
   processAlive,
+  readAll,
   readProcFile,
   type Server,
   SERVERS,
@@ -120,12 +121,6 @@ async function expectSpawnFailure(
   await assert.rejects(ImageProxy.spawn(config), check);
   assert.deepEqual(proxyChildren().filter((p) => !childrenBefore.includes(p)), []);
   await assertNoLeakedFds(before);
-}
-
-async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  for await (const chunk of stream) chunks.push(chunk);
-  return new Uint8Array(Buffer.concat(chunks));
 }
 
 /** The image's layers as fetched through the proxy (verified by it), in manifest order. */

@@ -11,7 +11,7 @@
  * @module
  */
 
-import { within } from "../async.ts";
+import { endChild, within } from "../async.ts";
 import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
@@ -397,15 +397,11 @@ class BunTransport implements Transport {
       this.#lib.shutdown(socket, SHUT_RDWR);
       await this.#stopReceiver(socket);
     }
-    let exit = await within(this.exited, graceMs);
-    if (!exit) {
+    const { exit, killed } = await endChild(this.exited, (signal) => {
       this.#killed = true;
-      this.#kill("SIGTERM");
-      exit = await within(this.exited, 1000);
-      if (!exit) this.#kill("SIGKILL");
-      exit = await this.exited;
-    }
-    return exit;
+      this.#kill(signal);
+    }, graceMs);
+    return killed ? { ...exit, killed } : exit;
   }
 
   #kill(signal: string): void {

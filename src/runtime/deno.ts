@@ -11,7 +11,7 @@
  */
 
 import { createHash } from "node:crypto";
-import { within } from "../async.ts";
+import { endChild, within } from "../async.ts";
 import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
@@ -303,15 +303,11 @@ class DenoTransport implements Transport {
         wait();
       }
     }
-    let exit = await within(this.exited, graceMs);
-    if (!exit) {
+    const { exit, killed } = await endChild(this.exited, (signal) => {
       this.#killed = true;
-      this.#kill("SIGTERM");
-      exit = await within(this.exited, 1000);
-      if (!exit) this.#kill("SIGKILL");
-      exit = await this.exited;
-    }
-    return exit;
+      this.#kill(signal);
+    }, graceMs);
+    return killed ? { ...exit, killed } : exit;
   }
 
   #kill(signal: Deno.Signal): void {

@@ -156,3 +156,20 @@ export function processAlive(pid: number): boolean {
 
 /** Whether a file exists (re-exported for tests that need nothing else from node:fs). */
 export { existsSync };
+
+/** Reads a byte stream to its end. */
+export async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  let length = 0;
+  for await (const chunk of stream) {
+    chunks.push(chunk);
+    length += chunk.length;
+  }
+  const out = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return out;
+}

@@ -405,6 +405,28 @@ for (const server of SERVERS) {
     });
   });
 
+  test(`received pipe fds are close-on-exec, so no other child inherits them ${at}`, async () => {
+    await withProxy(server, async (proxy) => {
+      const img = await proxy.openImage(LATEST);
+      const layer = fixtures.image.layers[1];
+      const before = openFds();
+      const { stream } = await proxy.getBlob(img, layer.digest, layer.size);
+      const received = [...openFds()].filter(([fd, target]) =>
+        before.get(fd) !== target && target.startsWith("pipe:")
+      );
+      // Our received fd, and under Bun also the copy its file reader makes: every one must be CLOEXEC.
+      assert.ok(received.length >= 1, "the blob pipe is open");
+      for (const [fd] of received) {
+        const flags = Number.parseInt(
+          /^flags:\s+(\d+)/m.exec(readProcFile(`/proc/${process.pid}/fdinfo/${fd}`))![1],
+          8,
+        );
+        assert.ok(flags & 0o2000000, `fd ${fd} has O_CLOEXEC (flags ${flags.toString(8)})`);
+      }
+      assert.equal((await readAll(stream)).length, layer.size);
+    });
+  });
+
   test(`an aborted signal errors the blob stream with its reason ${at}`, async () => {
     await withProxy(server, async (proxy) => {
       const img = await proxy.openImage(LATEST);

@@ -156,6 +156,7 @@ export class ImageProxy implements AsyncDisposable {
   #closedError: ImageProxyError | undefined;
   readonly #openStreams = new Set<() => void>();
   readonly #timeouts: Timeouts;
+  readonly #supported: ReadonlySet<Method>;
   /** Rejects the request on the wire when the child exits (one at a time: the queue is serial). */
   #onExit: ((exit: ChildExit) => void) | undefined;
 
@@ -163,6 +164,12 @@ export class ImageProxy implements AsyncDisposable {
     this.#transport = transport;
     this.protocolVersion = protocolVersion;
     this.#timeouts = settings;
+    // Decided once: every request checks it.
+    this.#supported = new Set(
+      (Object.keys(METHOD_VERSIONS) as Method[]).filter((m) =>
+        versionAtLeast(protocolVersion, METHOD_VERSIONS[m])
+      ),
+    );
     transport.exited.then((exit) => {
       this.#exit = exit;
       this.#onExit?.(exit);
@@ -267,7 +274,7 @@ export class ImageProxy implements AsyncDisposable {
 
   /** Whether the proxy speaks `method`; every method name is the protocol's. */
   supports(method: Method): boolean {
-    return versionAtLeast(this.protocolVersion, METHOD_VERSIONS[method]);
+    return this.#supported.has(method);
   }
 
   /**

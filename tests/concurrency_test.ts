@@ -30,6 +30,7 @@ import {
   waitFor,
 } from "./helpers/env.ts";
 import { noise, sha256, writeImage } from "./helpers/fixtures.ts";
+import { withProxy } from "./helpers/proxy.ts";
 import { childPids } from "./helpers/concurrency-procs.ts";
 import { startStandInRegistry } from "./helpers/concurrency-registry.ts";
 
@@ -127,26 +128,6 @@ async function readToEnd(reader: ReadableStreamDefaultReader<Uint8Array>): Promi
 
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Runs `body` with a fresh proxy, then checks shutdown, the child's exit, children and fds. */
-async function withProxy(
-  server: Server,
-  body: (proxy: ImageProxy) => Promise<void>,
-  config: ImageProxyConfig = {},
-): Promise<void> {
-  const before = openFds();
-  const children = childPids();
-  const proxy = await ImageProxy.spawn({ skopeoCmd: server.skopeoCmd, ...config });
-  const pid = proxy.pid!;
-  try {
-    await body(proxy);
-  } finally {
-    await proxy.shutdown();
-  }
-  await waitFor(() => !processAlive(pid), 5000, `skopeo ${pid} to exit`);
-  await assertNoLeakedFds(before);
-  assert.deepEqual(childPids(), children, "no child process is left behind");
 }
 
 /** mulberry32: small, fast, and the same sequence in every runtime. */

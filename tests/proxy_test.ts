@@ -17,6 +17,7 @@ import {
   SpawnError,
   UnsupportedMethodError,
 } from "../mod.ts";
+import { withProxy } from "./helpers/proxy.ts";
 import { buildFixtures } from "./helpers/fixtures.ts";
 import {
   assertNoLeakedFds,
@@ -56,24 +57,6 @@ async function waitForStable(value: () => string, quietMs: number, ms: number): 
 
 function sha256(data: Uint8Array): string {
   return "sha256:" + createHash("sha256").update(data).digest("hex");
-}
-
-/** Runs `body` with a fresh proxy on `server`, then checks shutdown, the child's exit and fd leaks. */
-async function withProxy(
-  server: Server,
-  body: (proxy: ImageProxy) => Promise<void> | void,
-  config: Parameters<typeof ImageProxy.spawn>[0] = {},
-): Promise<void> {
-  const before = openFds();
-  const proxy = await ImageProxy.spawn({ skopeoCmd: server.skopeoCmd, ...config });
-  const pid = proxy.pid!;
-  try {
-    await body(proxy);
-  } finally {
-    await proxy.shutdown();
-  }
-  await waitFor(() => !processAlive(pid), 5000, `skopeo ${pid} to exit`);
-  await assertNoLeakedFds(before);
 }
 
 for (const server of SERVERS) {

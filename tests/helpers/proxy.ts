@@ -1,0 +1,31 @@
+/**
+ * Running a test body against a fresh proxy on a real skopeo, with the checks every such test shares.
+ */
+
+import assert from "node:assert/strict";
+import { ImageProxy, type ImageProxyConfig } from "../../mod.ts";
+import { childPids } from "./concurrency-procs.ts";
+import { assertNoLeakedFds, openFds, processAlive, type Server, waitFor } from "./env.ts";
+
+/**
+ * Runs `body` with a fresh proxy on `server`, then checks that shutdown succeeds, skopeo exits, no fd
+ * leaked and no child process is left behind.
+ */
+export async function withProxy(
+  server: Server,
+  body: (proxy: ImageProxy) => Promise<void> | void,
+  config: ImageProxyConfig = {},
+): Promise<void> {
+  const before = openFds();
+  const children = childPids();
+  const proxy = await ImageProxy.spawn({ skopeoCmd: server.skopeoCmd, ...config });
+  const pid = proxy.pid!;
+  try {
+    await body(proxy);
+  } finally {
+    await proxy.shutdown();
+  }
+  await waitFor(() => !processAlive(pid), 5000, `skopeo ${pid} to exit`);
+  await assertNoLeakedFds(before);
+  assert.deepEqual(childPids(), children, "no child process is left behind");
+}

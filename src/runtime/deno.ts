@@ -83,8 +83,17 @@ const SMALL_READ = 64 * 1024;
  * hundred microseconds at most) so the event loop is never held for long.
  */
 const RECEIVE_SPINS = 1000;
-/** Reads land in the free tail of a slab this big, so no read allocates (and zeroes) a fresh buffer. */
-const SLAB_SIZE = 4 << 20;
+/**
+ * The largest read of a blob pipe. Reading a full 1 MiB pipe at once made chunks that V8 collected
+ * late. With 192 KiB reads, getRawBlob of 1 GiB on skopeo 1.22 (hashing in this thread) peaked about
+ * 20 MiB lower and was no slower: 0.96-1.00 vs 0.93-0.98 GiB/s, peak RSS 101-106 vs 122-125 MiB.
+ */
+const BLOB_READ = 192 * 1024;
+/**
+ * Reads land in the free tail of a slab this big, so no read allocates (and zeroes) a fresh buffer.
+ * Larger slabs only kept more memory alive until the next collection.
+ */
+const SLAB_SIZE = 1 << 20;
 
 /**
  * Deno does not count a pending nonblocking FFI call as work that keeps the program alive, so a
@@ -211,7 +220,7 @@ class DenoTransport implements Transport {
     let readSize = SMALL_READ;
     if (options.pipeSize) {
       const size = lib.fcntl(fd, F_SETPIPE_SZ, options.pipeSize);
-      if (size > 0) readSize = size;
+      if (size > 0) readSize = Math.min(size, BLOB_READ);
     }
     let reading = false;
     let closed = false;

@@ -29,6 +29,7 @@ import {
   UnsupportedMethodError,
 } from "./errors.ts";
 import { within } from "./async.ts";
+import { concat } from "./bytes.ts";
 import { createHasher } from "./hash.ts";
 import {
   checkConfiguration,
@@ -607,7 +608,7 @@ export class ImageProxy implements AsyncDisposable {
       throw err instanceof RequestError ? new RequestError(method, err.serverMessage, err.errorCode) : err;
     }
     if (readError) throw readError;
-    return concat(chunks, length);
+    return concat(chunks);
   }
 
   /**
@@ -1010,17 +1011,6 @@ function parseJson(method: Method, raw: Uint8Array): unknown {
   }
 }
 
-function concat(chunks: Uint8Array[], length: number): Uint8Array {
-  if (chunks.length === 1) return chunks[0];
-  const out = new Uint8Array(length);
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return out;
-}
-
 async function collect(stream: ReadableStream<Uint8Array>, limit: number): Promise<Uint8Array> {
   const chunks: Uint8Array[] = [];
   let length = 0;
@@ -1029,7 +1019,7 @@ async function collect(stream: ReadableStream<Uint8Array>, limit: number): Promi
     if (length > limit) throw new ProtocolError(`Error pipe sent more than ${limit} bytes`);
     chunks.push(chunk);
   }
-  return concat(chunks, length);
+  return concat(chunks);
 }
 
 /** Reads a stream to its end, counting and discarding what arrives. */

@@ -10,14 +10,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
-import {
-  BlobError,
-  ImageProxy,
-  type ImageProxyConfig,
-  type OpenedImage,
-  ProxyClosedError,
-  ProxyExitedError,
-} from "../mod.ts";
+import { BlobError, ImageProxy, type OpenedImage, ProxyClosedError, ProxyExitedError } from "../mod.ts";
 import {
   assertNoLeakedFds,
   openFds,

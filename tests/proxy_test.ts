@@ -25,7 +25,6 @@ import {
   processAlive,
   readAll,
   readProcFile,
-  type Server,
   SERVERS,
   waitFor,
 } from "./helpers/env.ts";

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { concat } from "../bytes.ts";
+
 /** `AF_UNIX`. */
 export const AF_UNIX = 1;
 /** `SOCK_SEQPACKET`. */
@@ -173,12 +175,7 @@ export class TailBuffer {
   }
   /** The kept bytes as text, cut at the first line start inside the limit. */
   text(): string {
-    const all = new Uint8Array(this.#length);
-    let offset = 0;
-    for (const chunk of this.#chunks) {
-      all.set(chunk, offset);
-      offset += chunk.length;
-    }
+    const all = concat(this.#chunks);
     let tail = all.subarray(Math.max(0, all.length - this.#limit));
     if (tail.length < all.length) {
       const newline = tail.indexOf(10);

@@ -7,6 +7,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readlinkSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { concat } from "../../src/bytes.ts";
 
 /** The project root. */
 export const ROOT: string = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -160,16 +161,6 @@ export { existsSync };
 /** Reads a byte stream to its end. */
 export async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8Array> {
   const chunks: Uint8Array[] = [];
-  let length = 0;
-  for await (const chunk of stream) {
-    chunks.push(chunk);
-    length += chunk.length;
-  }
-  const out = new Uint8Array(length);
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return out;
+  for await (const chunk of stream) chunks.push(chunk);
+  return concat(chunks);
 }

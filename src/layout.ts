@@ -177,6 +177,23 @@ async function writeAtomically(path: string, data: Uint8Array | string): Promise
   }
 }
 
+/** How a blob gets into a file: streamed through this process, or saved by the proxy's adapter. */
+type BlobSource =
+  | { stream: () => Promise<BlobReader> }
+  | { save: (path: string, onBytes: (count: number) => void) => Promise<number> };
+
+/** The first bytes of a file (at most 8: enough to tell a compression). */
+async function fileHead(path: string): Promise<Uint8Array> {
+  const handle = await open(path, "r");
+  try {
+    const head = new Uint8Array(8);
+    const { bytesRead } = await handle.read(head, 0, head.length, 0);
+    return head.slice(0, bytesRead);
+  } finally {
+    await handle.close();
+  }
+}
+
 /**
  * Streams a blob into the layout unless it is already there. Returns its first bytes (to tell its
  * compression) and how many bytes were fetched.
@@ -184,17 +201,29 @@ async function writeAtomically(path: string, data: Uint8Array | string): Promise
 async function storeBlob(
   dir: string,
   descriptor: Descriptor,
-  fetch: () => Promise<BlobReader>,
+  source: BlobSource,
   onBytes: (count: number) => void,
 ): Promise<{ head: Uint8Array; fetched: number; skipped: boolean }> {
   const path = blobPath(dir, descriptor.digest);
   const present = await existingBlob(path, descriptor.digest, descriptor.size);
   if (present) return { head: present.head, fetched: 0, skipped: true };
   await mkdir(path.slice(0, path.lastIndexOf("/")), { recursive: true });
-  const { stream } = await fetch();
   const temporary = `${path.slice(0, path.lastIndexOf("/"))}/.${
     path.slice(path.lastIndexOf("/") + 1)
   }.partial-${randomUUID()}`;
+  if ("save" in source) {
+    try {
+      // Verified by the proxy and flushed once this resolves.
+      const fetched = await source.save(temporary, onBytes);
+      const head = await fileHead(temporary);
+      await rename(temporary, path);
+      return { head, fetched, skipped: false };
+    } catch (err) {
+      await rm(temporary, { force: true });
+      throw err;
+    }
+  }
+  const { stream } = await source.stream();
   let fetched = 0;
   let head: Uint8Array | undefined;
   try {
@@ -312,10 +341,19 @@ export async function writeLayout(
   // One failure stops the other blobs at once, so that no stream is left open behind the error.
   const stop = new AbortController();
   const fetchSignal = signal ? AbortSignal.any([signal, stop.signal]) : stop.signal;
-  const fetchBlob = (descriptor: Descriptor) => () =>
+  // Blobs the proxy verifies go straight from its pipe into the file when the adapter can do that.
+  const fetchBlob = (descriptor: Descriptor): BlobSource =>
     options.rawBlobs
-      ? proxy.getRawBlob(image, descriptor.digest, { signal: fetchSignal })
-      : proxy.getDescriptor(image, descriptor, { signal: fetchSignal });
+      ? { stream: () => proxy.getRawBlob(image, descriptor.digest, { signal: fetchSignal }) }
+      : proxy.canSaveBlobs
+      ? {
+        save: (path, onBytes) =>
+          proxy.saveBlob(image, descriptor.digest, descriptor.size, path, {
+            signal: fetchSignal,
+            onProgress: onBytes,
+          }),
+      }
+      : { stream: () => proxy.getDescriptor(image, descriptor, { signal: fetchSignal }) };
   const notes: string[] = [];
   const totalBytes = parsed.layers.reduce((n, l) => n + l.size, 0);
   let bytes = 0;

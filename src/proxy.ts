@@ -60,7 +60,7 @@ import {
   toImageReference,
 } from "./reference.ts";
 import { defaultTransportFactory } from "./runtime/detect.ts";
-import type { ChildExit, Hasher, ReceivedPacket, Transport } from "./transport.ts";
+import type { ChildExit, FileSink, Hasher, ReceivedPacket, Transport } from "./transport.ts";
 
 /** The fds a reply must carry. */
 type FdShape = "none" | "pipe" | "dual";
@@ -123,9 +123,26 @@ export interface BlobOptions {
   idleTimeoutMs?: number;
 }
 
+/** Options for {@linkcode ImageProxy.saveBlob}. */
+export interface SaveBlobOptions extends BlobOptions {
+  /** Called with the number of bytes each time more of the blob reached the file. */
+  onProgress?: (bytes: number) => void;
+}
+
 interface Received {
   reply: Reply;
   fds: number[];
+}
+
+/** What the blob streams count: a chunk of bytes, or the size of a piece moved into a file. */
+interface Sized {
+  readonly length: number;
+}
+
+/** The part of a stream reader the blob streams use. */
+interface ChunkReader<T extends Sized> {
+  read(): Promise<ReadableStreamReadResult<T>>;
+  cancel(): Promise<void>;
 }
 
 /**
@@ -396,6 +413,113 @@ export class ImageProxy implements AsyncDisposable {
     size: number,
     options: BlobOptions = {},
   ): Promise<BlobReader> {
+    const { fd, pipeid, sizeUnknown } = await this.#openBlob(image, digest, size, options);
+    const reader = this.#transport.openStream(fd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
+    const stream = this.#verifiedStream(fd, pipeid, digest, size, sizeUnknown, options, reader);
+    return { size, stream };
+  }
+
+  /**
+   * Whether {@linkcode ImageProxy.saveBlob} is available: the runtime adapter can move a pipe's bytes
+   * into a file itself (the Deno adapter can; the Bun adapter and scripted transports cannot).
+   */
+  get canSaveBlobs(): boolean {
+    return this.#transport.openFileSink !== undefined;
+  }
+
+  /**
+   * Saves a blob, verified by the proxy, into the file `path` (created, or truncated), without passing
+   * its bytes through JavaScript: the adapter moves them from skopeo's pipe into the file with
+   * `splice(2)`. Resolves with the byte count once the proxy confirmed size and digest and the file
+   * was flushed to disk. On any failure the file is left partial: remove it (or write to a temporary
+   * name and rename it on success, as `writeLayout` does).
+   *
+   * @example Saving a layer
+   * ```ts ignore
+   * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
+   * await using proxy = await ImageProxy.spawn();
+   * const img = await proxy.openImage("docker://quay.io/libpod/alpine:latest");
+   * const { manifest } = await proxy.fetchManifest(img);
+   * const [layer] = manifest.layers;
+   * if (proxy.canSaveBlobs) await proxy.saveBlob(img, layer.digest, layer.size, "./layer.tar.gz");
+   * ```
+   *
+   * @throws {ImageProxyError} when the adapter cannot save blobs ({@linkcode ImageProxy.canSaveBlobs})
+   * or the file cannot be written; {@linkcode BlobError} as {@linkcode ImageProxy.getBlob}.
+   */
+  async saveBlob(
+    image: OpenedImage,
+    digest: string,
+    size: number,
+    path: string,
+    options: SaveBlobOptions = {},
+  ): Promise<number> {
+    const transport = this.#transport;
+    if (!transport.openFileSink) {
+      throw new ImageProxyError(
+        "This runtime adapter cannot save blobs to files; stream getBlob() into the file instead",
+      );
+    }
+    if (typeof path !== "string" || path === "" || path.includes("\0")) {
+      throw new TypeError("The path to save a blob to must be a non-empty string without NUL");
+    }
+    const { fd, pipeid, sizeUnknown } = await this.#openBlob(image, digest, size, options);
+    let sink: FileSink;
+    try {
+      sink = transport.openFileSink(fd, path, { pipeSize: BLOB_PIPE_SIZE });
+    } catch (cause) {
+      await this.#discardPipe(fd, pipeid, "blob");
+      throw new ImageProxyError(`Cannot save blob ${digest}: ${(cause as Error).message}`, { cause });
+    }
+    let moved = 0;
+    const reader: ChunkReader<Sized> = {
+      read: async () => {
+        let n: number;
+        try {
+          // Never more than the declared size; past it, any excess is moved only to be reported.
+          n = await sink.move(moved < size ? Math.min(size - moved, BLOB_PIPE_SIZE) : BLOB_PIPE_SIZE);
+        } catch (cause) {
+          throw new ImageProxyError(
+            `Saving blob ${digest} to "${path}" failed: ${(cause as Error).message}`,
+            {
+              cause,
+            },
+          );
+        }
+        if (n === 0) return { done: true, value: undefined };
+        moved += n;
+        return { done: false, value: { length: n } };
+      },
+      cancel: () => {
+        sink.closePipe();
+        return Promise.resolve();
+      },
+    };
+    const stream = this.#verifiedStream(fd, pipeid, digest, size, sizeUnknown, options, reader);
+    try {
+      for await (const piece of stream) options.onProgress?.(piece.length);
+    } catch (err) {
+      // Without a flush: a pending move (on a stalled pipe, say) closes the file when it returns.
+      await sink.closeFile(false).catch(() => {});
+      throw err;
+    }
+    try {
+      await sink.closeFile(true);
+    } catch (cause) {
+      throw new ImageProxyError(`Flushing blob ${digest} to "${path}" failed: ${(cause as Error).message}`, {
+        cause,
+      });
+    }
+    return moved;
+  }
+
+  /** Sends GetBlob and checks the reply; the pipe is the caller's to read and settle. */
+  async #openBlob(
+    image: OpenedImage,
+    digest: string,
+    size: number,
+    options: BlobOptions,
+  ): Promise<{ fd: number; pipeid: number; sizeUnknown: boolean }> {
     this.#checkImage(image);
     checkDigest(digest);
     if (!Number.isSafeInteger(size) || size < 0) {
@@ -419,8 +543,7 @@ export class ImageProxy implements AsyncDisposable {
       await this.#discardPipe(fd, reply.pipeid, "blob");
       throw err;
     }
-    const stream = this.#verifiedStream(fd, reply.pipeid, digest, size, serverSize < 0, options);
-    return { size, stream };
+    return { fd, pipeid: reply.pipeid, sizeUnknown: serverSize < 0 };
   }
 
   /** {@linkcode ImageProxy.getBlob} for a descriptor from a manifest. */
@@ -615,14 +738,14 @@ export class ImageProxy implements AsyncDisposable {
    * The lifecycle every blob stream shares: abort signal, shutdown, cancellation, and exactly one
    * `release` call that tells how the stream ended, so the server side is settled exactly once.
    */
-  #guardedStream(
+  #guardedStream<T>(
     digest: string,
     signal: AbortSignal | undefined,
-    step: (controller: ReadableStreamDefaultController<Uint8Array>) => Promise<Step>,
+    step: (controller: ReadableStreamDefaultController<T>) => Promise<Step>,
     release: (how: "done" | "failed" | "cancelled") => void,
-  ): ReadableStream<Uint8Array> {
+  ): ReadableStream<T> {
     let settled = false;
-    let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
+    let controllerRef: ReadableStreamDefaultController<T> | undefined;
     const settle = (how: "done" | "failed" | "cancelled"): boolean => {
       if (settled) return false;
       settled = true;
@@ -642,7 +765,7 @@ export class ImageProxy implements AsyncDisposable {
       fail(new ProxyClosedError(`The image proxy was shut down while blob ${digest} was open`));
     this.#openStreams.add(onShutdown);
     signal?.addEventListener("abort", onAbort, { once: true });
-    return new ReadableStream<Uint8Array>({
+    return new ReadableStream<T>({
       start: (controller) => {
         controllerRef = controller;
       },
@@ -663,17 +786,20 @@ export class ImageProxy implements AsyncDisposable {
     }, { highWaterMark: 0 });
   }
 
-  /** A GetBlob stream: `size` bytes, then FinishPipe's verdict decides between close and error. */
-  #verifiedStream(
+  /**
+   * A GetBlob stream: `size` bytes, then FinishPipe's verdict decides between close and error. The
+   * chunks are those of `reader`: bytes, or the sizes of pieces a file sink moved.
+   */
+  #verifiedStream<T extends Sized>(
     fd: number,
     pipeid: number,
     digest: string,
     size: number,
     sizeUnknown: boolean,
     options: BlobOptions,
-  ): ReadableStream<Uint8Array> {
+    reader: ChunkReader<T>,
+  ): ReadableStream<T> {
     const idleMs = options.idleTimeoutMs ?? this.#timeouts.blobIdleTimeoutMs;
-    const reader = this.#transport.openStream(fd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
     let received = 0;
     let stalled = false;
     let finish: Promise<void> | undefined;
@@ -697,9 +823,7 @@ export class ImageProxy implements AsyncDisposable {
       }
     };
     if (sizeUnknown) startFinish().catch(() => {});
-    const step = async (
-      controller: ReadableStreamDefaultController<Uint8Array>,
-    ): Promise<Step> => {
+    const step = async (controller: ReadableStreamDefaultController<T>): Promise<Step> => {
       if (received < size) {
         const result = await readWithin(reader, idleMs);
         if (result === STALLED) {
@@ -737,7 +861,7 @@ export class ImageProxy implements AsyncDisposable {
   async #settleCancelled(
     fd: number,
     pipeid: number,
-    reader: ReadableStreamDefaultReader<Uint8Array>,
+    reader: ChunkReader<Sized>,
     stalled: boolean,
     idleMs: number,
   ): Promise<void> {
@@ -924,10 +1048,10 @@ type Step = "more" | "again" | "done";
 const STALLED = Symbol("stalled");
 
 /** Reads one chunk, or gives up after `ms` without data (0: wait forever). */
-async function readWithin(
-  reader: ReadableStreamDefaultReader<Uint8Array>,
+async function readWithin<T extends Sized>(
+  reader: ChunkReader<T>,
   ms: number,
-): Promise<ReadableStreamReadResult<Uint8Array> | typeof STALLED> {
+): Promise<ReadableStreamReadResult<T> | typeof STALLED> {
   if (ms <= 0) return await reader.read();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const stalled = new Promise<typeof STALLED>((resolve) => {
@@ -1023,7 +1147,7 @@ async function collect(stream: ReadableStream<Uint8Array>, limit: number): Promi
 }
 
 /** Reads a stream to its end, counting and discarding what arrives. */
-async function drain(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<number> {
+async function drain(reader: ChunkReader<Sized>): Promise<number> {
   let extra = 0;
   for (;;) {
     const { done, value } = await reader.read();

@@ -38,6 +38,26 @@ export interface FdStreamOptions {
 }
 
 /**
+ * A pipe whose bytes go into a file without passing through JavaScript (`splice(2)`): one copy in the
+ * kernel instead of a read into a buffer and a write out of it.
+ */
+export interface FileSink {
+  /**
+   * Moves at most `max` bytes (at least 1) from the pipe to the end of the file. Resolves with how
+   * many moved, 0 at the pipe's end of file; rejects with the system's reason (a full disk, say).
+   */
+  move(max: number): Promise<number>;
+  /** Closes the pipe; a pending `move` closes it when it returns. Idempotent. */
+  closePipe(): void;
+  /**
+   * Closes the file. With `flush`, first waits for a pending `move` and flushes the file to stable
+   * storage (`fsync`), rejecting when that fails (the file is closed all the same); without, a pending
+   * `move` (which may wait on a stalled pipe) closes it when it returns. Idempotent.
+   */
+  closeFile(flush: boolean): Promise<void>;
+}
+
+/**
  * A live connection to one proxy process.
  *
  * Requests are never concurrent: the core sends the next one only after the previous reply arrived.
@@ -52,6 +72,12 @@ export interface Transport {
    * stream reaches end of file, errors, or is cancelled.
    */
   openStream(fd: number, options?: FdStreamOptions): ReadableStream<Uint8Array>;
+  /**
+   * Optional: takes ownership of pipe `fd` and opens `path` for writing (created, or truncated; mode
+   * 0644), to move the pipe's bytes into it with {@linkcode FileSink.move}. Throws, with the system's
+   * reason, when the file cannot be opened; `fd` then stays the caller's.
+   */
+  openFileSink?(fd: number, path: string, options?: FdStreamOptions): FileSink;
   /** Closes a received fd the core does not want. */
   closeFd(fd: number): void;
   /**

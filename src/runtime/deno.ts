@@ -16,6 +16,7 @@ import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
   FdStreamOptions,
+  FileSink,
   Hasher,
   ReceivedPacket,
   SpawnRequest,
@@ -25,6 +26,10 @@ import type {
 import {
   AF_UNIX,
   cmsgSpaceForFds,
+  EAGAIN,
+  EINTR,
+  EINVAL,
+  EROFS,
   F_GETFD,
   F_GETPIPE_SZ,
   F_SETFD,
@@ -39,6 +44,8 @@ import {
   MSG_NOSIGNAL,
   MSG_TRUNC,
   MSGHDR_SIZE,
+  O_CLOEXEC,
+  O_WRITE_NEW,
   packMsghdr,
   parseScmRights,
   readMsghdr,
@@ -46,6 +53,8 @@ import {
   SHUT_RDWR,
   SOCK_CLOEXEC,
   SOCK_SEQPACKET,
+  SPLICE_F_MOVE,
+  SPLICE_F_NONBLOCK,
   TailBuffer,
 } from "./libc.ts";
 
@@ -56,11 +65,27 @@ const SYMBOLS = {
   recvmsgNow: { name: "recvmsg", parameters: ["i32", "buffer", "i32"], result: "isize" },
   read: { parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  writeLater: { name: "write", parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
   close: { parameters: ["i32"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+  open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+  splice: {
+    parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"],
+    result: "isize",
+    nonblocking: true,
+  },
+  spliceNow: {
+    name: "splice",
+    parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"],
+    result: "isize",
+  },
+  fsync: { parameters: ["i32"], result: "i32", nonblocking: true },
+  fsyncNow: { name: "fsync", parameters: ["i32"], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+  strerror: { parameters: ["i32"], result: "pointer" },
 } as const;
 
 type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -112,6 +137,17 @@ async function whilePending<T>(call: Promise<T>): Promise<T> {
   } finally {
     if (--pendingCalls === 0) Deno.unrefTimer(keepAlive!);
   }
+}
+
+/** The calling thread's errno; read it right after the failed call. */
+function errnoOf(lib: Libc): number {
+  const location = lib.__errno_location();
+  return location ? new Deno.UnsafePointerView(location).getInt32() : 0;
+}
+
+function errorText(lib: Libc, errno: number): string {
+  const text = lib.strerror(errno);
+  return text ? Deno.UnsafePointerView.getCString(text) : `errno ${errno}`;
 }
 
 function setCloexec(lib: Libc, fd: number, on: boolean): void {
@@ -270,6 +306,107 @@ class DenoTransport implements Transport {
         else close();
       },
     }, { highWaterMark: 1 });
+  }
+
+  openFileSink(fd: number, path: string, options: FdStreamOptions = {}): FileSink {
+    const lib = this.#lib;
+    const file = lib.open(new TextEncoder().encode(`${path}\0`), O_WRITE_NEW | O_CLOEXEC, 0o644);
+    if (file < 0) throw new Error(`Cannot open "${path}" for writing: ${errorText(lib, errnoOf(lib))}`);
+    if (options.pipeSize) lib.fcntl(fd, F_SETPIPE_SZ, options.pipeSize);
+    let pipe = fd;
+    let target = file;
+    let pipeWanted = true;
+    let fileWanted = true;
+    let pending: Promise<unknown> | undefined;
+    let fileClosed: Promise<void> | undefined;
+    const closePipeNow = () => {
+      if (pipe >= 0) lib.close(pipe);
+      pipe = -1;
+    };
+    const closeFileNow = () => {
+      if (target >= 0) lib.close(target);
+      target = -1;
+    };
+    // Set once splice() proved impossible for this file (a device without splice support, say).
+    let copyBuffer: Uint8Array | undefined;
+    const wait = async <T>(call: Promise<T>): Promise<T> => {
+      pending = call;
+      try {
+        return await whilePending(call);
+      } finally {
+        pending = undefined;
+        if (!pipeWanted) closePipeNow();
+        if (!fileWanted) closeFileNow();
+      }
+    };
+    const closedError = () => new Error("The pipe or the file is closed");
+    const copy = async (buffer: Uint8Array): Promise<number> => {
+      let n = Number(await wait(lib.read(pipe, buffer, BigInt(buffer.length))));
+      if (n < 0 && pipe >= 0) n = Number(await wait(lib.read(pipe, buffer, BigInt(buffer.length))));
+      if (pipe < 0 || n === 0) return 0;
+      if (n < 0) throw new Error("Reading the pipe failed");
+      for (let offset = 0; offset < n;) {
+        if (target < 0) throw closedError();
+        const rest = buffer.subarray(offset, n);
+        let written = Number(await wait(lib.writeLater(target, rest, BigInt(rest.length))));
+        // errno stayed on the pool thread: write again here to learn it.
+        if (written <= 0 && target >= 0) written = Number(lib.write(target, rest, BigInt(rest.length)));
+        if (written <= 0) {
+          throw new Error(written < 0 ? errorText(lib, errnoOf(lib)) : "The file took no bytes");
+        }
+        offset += written;
+      }
+      return n;
+    };
+    return {
+      move: async (max) => {
+        for (let attempt = 0;; attempt++) {
+          if (pipe < 0 || target < 0) throw closedError();
+          if (copyBuffer) return await copy(copyBuffer.subarray(0, Math.min(max, copyBuffer.length)));
+          // splice() waits for the pipe on a pool thread; the file side never waits long.
+          let n = Number(await wait(lib.splice(pipe, null, target, null, BigInt(max), SPLICE_F_MOVE)));
+          if (n >= 0 || pipe < 0 || target < 0) return Math.max(n, 0);
+          // errno stayed on the pool thread: try once more without waiting, here, to learn it.
+          n = Number(lib.spliceNow(pipe, null, target, null, BigInt(max), SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
+          if (n >= 0) return n;
+          const errno = errnoOf(lib);
+          if (errno === EINVAL) copyBuffer = new Uint8Array(BLOB_READ);
+          else if ((errno !== EAGAIN && errno !== EINTR) || attempt >= 3) {
+            throw new Error(errorText(lib, errno));
+          }
+        }
+      },
+      closePipe: () => {
+        pipeWanted = false;
+        if (!pending) closePipeNow();
+      },
+      closeFile: (flush) => {
+        fileClosed ??= (async () => {
+          if (!flush) {
+            // A move waiting on a stalled pipe may never return: leave the close to it.
+            fileWanted = false;
+            if (!pending) closeFileNow();
+            return;
+          }
+          await pending?.catch(() => {});
+          try {
+            if (target < 0) throw new Error("The file is closed");
+            if (Number(await whilePending(lib.fsync(target))) !== 0) {
+              // errno stayed on the pool thread: a second call here tells a target that cannot be
+              // flushed at all (a device such as /dev/null: EINVAL) from a real failure.
+              const again = lib.fsyncNow(target);
+              const errno = again === 0 ? 0 : errnoOf(lib);
+              if (errno !== EINVAL && errno !== EROFS) {
+                throw new Error(`fsync failed${errno ? `: ${errorText(lib, errno)}` : ""}`);
+              }
+            }
+          } finally {
+            closeFileNow();
+          }
+        })();
+        return fileClosed;
+      },
+    };
   }
 
   closeFd(fd: number): void {

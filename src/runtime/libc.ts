@@ -50,10 +50,20 @@ export const F_GETPIPE_SZ = 1032;
 export const FIONREAD = 0x541b;
 /** `O_CLOEXEC`. */
 export const O_CLOEXEC = 0o2000000;
+/** `O_WRONLY | O_CREAT | O_TRUNC`: open a file for writing, created or emptied. */
+export const O_WRITE_NEW = 0o1 | 0o100 | 0o1000;
+/** `SPLICE_F_MOVE`: a hint to move pages rather than copy them. */
+export const SPLICE_F_MOVE = 1;
+/** `SPLICE_F_NONBLOCK`: do not wait on the pipe. */
+export const SPLICE_F_NONBLOCK = 2;
 /** `MFD_CLOEXEC`. */
 export const MFD_CLOEXEC = 1;
 /** `EINTR`. */
 export const EINTR = 4;
+/** `EINVAL`. */
+export const EINVAL = 22;
+/** `EROFS`. */
+export const EROFS = 30;
 /** `EAGAIN`. */
 export const EAGAIN = 11;
 /** `POLLIN`. */

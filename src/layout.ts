@@ -35,8 +35,9 @@ export interface WriteLayoutOptions {
   /** Called as layer bytes arrive (often: throttle any display). */
   onProgress?: (progress: LayerProgress) => void;
   /**
-   * How many blobs stream at once on the one proxy (default 3). skopeo hashes each GetBlob copy on its
-   * own goroutine, so several at once use a second core where one cannot.
+   * How many blobs stream at once on the one proxy (default 6, as `skopeo copy` downloads). skopeo
+   * hashes each GetBlob copy on its own goroutine, so several at once use a second core where one
+   * cannot, and a last large layer does not start alone after the others.
    */
   concurrency?: number;
 }
@@ -363,7 +364,7 @@ export async function writeLayout(
   const stored: { head: Uint8Array; fetched: number; skipped: boolean }[] = [];
   let configStored: { head: Uint8Array; fetched: number; skipped: boolean } | undefined;
   const jobs = [-1, ...parsed.layers.keys()];
-  const concurrency = Math.max(1, Math.min(options.concurrency ?? 3, jobs.length));
+  const concurrency = Math.max(1, Math.min(options.concurrency ?? 6, jobs.length));
   let next = 0;
   const worker = async () => {
     while (next < jobs.length) {

@@ -421,7 +421,7 @@ export class ImageProxy implements AsyncDisposable {
 
   /**
    * Whether {@linkcode ImageProxy.saveBlob} is available: the runtime adapter can move a pipe's bytes
-   * into a file itself (the Deno adapter can; the Bun adapter and scripted transports cannot).
+   * into a file itself. The Deno and Bun adapters can; a transport without `openFileSink` cannot.
    */
   get canSaveBlobs(): boolean {
     return this.#transport.openFileSink !== undefined;
@@ -430,7 +430,7 @@ export class ImageProxy implements AsyncDisposable {
   /**
    * Saves a blob, verified by the proxy, into the file `path` (created, or truncated), without passing
    * its bytes through JavaScript: the adapter moves them from skopeo's pipe into the file with
-   * `splice(2)`. Resolves with the byte count once the proxy confirmed size and digest and the file
+   * `splice(2)` (or, for a file that takes no splice, such as some devices, reads and writes them). Resolves with the byte count once the proxy confirmed size and digest and the file
    * was flushed to disk. On any failure the file is left partial: remove it (or write to a temporary
    * name and rename it on success, as `writeLayout` does).
    *

@@ -8,6 +8,7 @@ import { layoutTag, REF_NAME_ANNOTATION, writeLayout } from "../src/layout.ts";
 import { buildFixtures } from "./helpers/fixtures.ts";
 import { SERVERS } from "./helpers/env.ts";
 import { digestOf, runCli, tempDir } from "./helpers/cli-helpers.ts";
+import { withoutFileSinks } from "./helpers/proxy.ts";
 
 const f = buildFixtures();
 const REF = `oci:${f.layout}:latest`;
@@ -170,6 +171,28 @@ for (const server of SERVERS) {
       "a tag is replaced",
     );
     assert.equal(JSON.parse(skopeo("inspect", `oci:${dir}:two`)).Digest, f.image.manifest.digest);
+  });
+
+  test(`writeLayout streams blobs through a transport that cannot save them, to the same layout (${server.name})`, async () => {
+    const saved = join(tempDir("layout"), "saved");
+    const streamed = join(tempDir("layout"), "streamed");
+    await using proxy = await ImageProxy.spawn({ skopeoCmd: server.skopeoCmd });
+    assert.equal(proxy.canSaveBlobs, true);
+    const one = await writeLayout(proxy, await proxy.openImage(REF), saved);
+    await using plain = await ImageProxy.spawn({
+      skopeoCmd: server.skopeoCmd,
+      transport: await withoutFileSinks(),
+    });
+    assert.equal(plain.canSaveBlobs, false);
+    const two = await writeLayout(plain, await plain.openImage(REF), streamed);
+    assert.deepEqual(two, { ...one, path: streamed });
+    assert.deepEqual(blobNames(streamed), blobNames(saved));
+    for (const name of blobNames(saved)) {
+      assert.deepEqual(
+        readFileSync(join(streamed, "blobs", "sha256", name)),
+        readFileSync(join(saved, "blobs", "sha256", name)),
+      );
+    }
   });
 
   if (server.protocol === "0.2.8") {

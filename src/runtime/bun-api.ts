@@ -23,6 +23,10 @@ export interface BunFfi {
   ): { symbols: Record<string, (...args: unknown[]) => unknown>; close(): void };
   /** The address of a typed array's first byte (plus `byteOffset`). */
   ptr(view: ArrayBufferView | ArrayBufferLike, byteOffset?: number): number;
+  /** Reads native memory. */
+  read: { i32(address: number, offset: number): number };
+  /** A NUL-terminated C string at `address`, as a JavaScript string. */
+  CString: new (address: number) => { toString(): string };
 }
 
 /** A child started by `Bun.spawn`. */

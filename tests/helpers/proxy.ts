@@ -3,7 +3,8 @@
  */
 
 import assert from "node:assert/strict";
-import { ImageProxy, type ImageProxyConfig } from "../../mod.ts";
+import { ImageProxy, type ImageProxyConfig, type TransportFactory } from "../../mod.ts";
+import { defaultTransportFactory } from "../../src/runtime/detect.ts";
 import { childPids } from "./concurrency-procs.ts";
 import { assertNoLeakedFds, openFds, processAlive, type Server, waitFor } from "./env.ts";
 
@@ -28,4 +29,29 @@ export async function withProxy(
   await waitFor(() => !processAlive(pid), 5000, `skopeo ${pid} to exit`);
   await assertNoLeakedFds(before);
   assert.deepEqual(childPids(), children, "no child process is left behind");
+}
+
+/**
+ * The runtime's own transport factory with `openFileSink` hidden: a transport that cannot save blobs,
+ * as a third-party or scripted one may be.
+ */
+export async function withoutFileSinks(): Promise<TransportFactory> {
+  const real = await defaultTransportFactory();
+  return {
+    env: real.env,
+    spawn: async (request) => {
+      const t = await real.spawn(request);
+      return {
+        request: (packet) => t.request(packet),
+        send: (packet) => t.send(packet),
+        openStream: (fd, options) => t.openStream(fd, options),
+        closeFd: (fd) => t.closeFd(fd),
+        pipeFill: t.pipeFill && ((fd) => t.pipeFill!(fd)),
+        createHasher: t.createHasher && ((algorithm) => t.createHasher!(algorithm)),
+        exited: t.exited,
+        pid: t.pid,
+        close: (graceMs) => t.close(graceMs),
+      };
+    },
+  };
 }

@@ -2,9 +2,10 @@
  * Writes an image fetched through the proxy as an OCI image layout (`oci-layout`, `index.json`,
  * `blobs/sha256/...`), which `skopeo`, `podman` and every OCI tool read as `oci:DIR:TAG`.
  *
- * Every blob is streamed to a temporary name in its final folder and renamed only once the proxy
- * (or, for raw blobs, this client) has verified it, so an interrupted fetch never leaves a blob that
- * looks complete. Blobs already present with the right digest are not fetched again. The manifest
+ * Every blob goes to a temporary name in its final folder (moved there by the adapter with
+ * `ImageProxy.saveBlob` when it can, streamed through this process otherwise) and is renamed only
+ * once the proxy (or, for raw blobs, this client) has verified it, so an interrupted fetch never
+ * leaves a blob that looks complete. Blobs already present with the right digest are not fetched again. The manifest
  * and `index.json` are written last.
  *
  * @module

@@ -21,6 +21,7 @@ import {
   type Server,
   SERVERS,
   waitFor,
+  within,
 } from "./helpers/env.ts";
 import { noise, sha256, writeImage } from "./helpers/fixtures.ts";
 import { withProxy } from "./helpers/proxy.ts";
@@ -93,21 +94,6 @@ function hexSha256(chunks: Uint8Array[]): string {
   const hash = createHash("sha256");
   for (const chunk of chunks) hash.update(chunk);
   return "sha256:" + hash.digest("hex");
-}
-
-/** Rejects with `what` when `promise` takes longer than `ms`: a deadlock fails the test instead of hanging it. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`No progress within ${ms} ms: ${what}`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 async function readToEnd(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<number> {

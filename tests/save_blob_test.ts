@@ -6,7 +6,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { BlobError, ImageProxy, ImageProxyError, ProxyExitedError } from "../mod.ts";
-import { assertNoLeakedFds, openFds, readAll, SERVERS } from "./helpers/env.ts";
+import { assertNoLeakedFds, openFds, readAll, SERVERS, within } from "./helpers/env.ts";
 import { buildFixtures } from "./helpers/fixtures.ts";
 import { withoutFileSinks, withProxy } from "./helpers/proxy.ts";
 import { startStandInRegistry } from "./helpers/concurrency-registry.ts";
@@ -17,21 +17,6 @@ const LATEST = `oci:${fixtures.layout}:latest`;
 
 function scratch(): string {
   return mkdtempSync(join(tmpdir(), "cip-save-"));
-}
-
-/** Rejects with "what" when `promise` has not settled within `ms`. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`No progress within ${ms} ms: ${what}`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 for (const server of SERVERS) {

@@ -164,3 +164,18 @@ export async function readAll(stream: ReadableStream<Uint8Array>): Promise<Uint8
   for await (const chunk of stream) chunks.push(chunk);
   return concat(chunks);
 }
+
+/** Rejects with `what` when `promise` takes longer than `ms`: a deadlock fails the test instead of hanging it. */
+export async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`No progress within ${ms} ms: ${what}`)), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

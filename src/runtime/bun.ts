@@ -6,7 +6,8 @@
  * that owns nothing but that call: the main thread packs the `msghdr` into a `SharedArrayBuffer`, the
  * worker sits in `recvmsg` on it, and hands each packet over with `Atomics.notify`, which resolves the
  * main thread's `Atomics.waitAsync`. Pipes need no thread at all: `Bun.file(fd).stream()` reads them
- * from Bun's event loop when they are readable, with backpressure.
+ * from Bun's event loop when they are readable, with backpressure, and a blob saved to a file is moved
+ * with `splice(SPLICE_F_NONBLOCK)`, retried on a short timer while its pipe is empty.
  *
  * @module
  */

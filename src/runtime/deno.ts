@@ -1,7 +1,8 @@
 /**
  * The Deno adapter: libc through `Deno.dlopen` for the socketpair, SCM_RIGHTS and pipe reads, and
- * `Deno.Command` for the child. Blocking calls (`recvmsg`, `read`) run as nonblocking FFI calls on
- * Deno's blocking thread pool, so the event loop stays free while skopeo works.
+ * `Deno.Command` for the child. Blocking calls (`recvmsg`, `read`, and `splice` and `fsync` for blobs
+ * saved to files) run as nonblocking FFI calls on Deno's blocking thread pool, so the event loop stays
+ * free while skopeo works.
  *
  * Permissions: `--allow-ffi` (libc), `--allow-run` (skopeo), `--allow-env` (reading
  * `CONTAINERS_IMAGE_PROXY_DEBUG`; the child inherits the environment).

@@ -1016,7 +1016,8 @@ interface RawCopy {
 }
 
 function openCopy(transport: Transport, dataFd: number, errorFd: number): RawCopy {
-  const reader = transport.openStream(dataFd, { pipeSize: BLOB_PIPE_SIZE }).getReader();
+  // This client hashes every byte: let the adapter read big pieces while the hash runs.
+  const reader = transport.openStream(dataFd, { pipeSize: BLOB_PIPE_SIZE, readerBusy: true }).getReader();
   const errors = transport.openStream(errorFd);
   let verdict: Promise<{ code?: string; message?: string } | undefined> | undefined;
   const read = () => {

@@ -35,6 +35,11 @@ export interface Hasher {
 export interface FdStreamOptions {
   /** Grow the pipe to this many bytes (`F_SETPIPE_SZ`) before reading; best effort. */
   pipeSize?: number;
+  /**
+   * The reader does heavy work on every chunk on the JavaScript thread (the core hashing a raw blob),
+   * so it is the slower side: read in large pieces, away from that thread, if the adapter can.
+   */
+  readerBusy?: boolean;
 }
 
 /**

@@ -16,6 +16,7 @@ import {
   openFds,
   processAlive,
   readAll,
+  readProcFile,
   ROOT,
   RUNTIME,
   type Server,
@@ -84,6 +85,7 @@ function buildImage(): { dir: string; ref: string; manifestDigest: string; blobs
 }
 
 const fixture = buildImage();
+let bigImage: ReturnType<typeof buildBigImage> | undefined;
 after(() => rmSync(fixture.dir, { recursive: true, force: true }));
 const blobNamed = (name: string) => fixture.blobs.find((b) => b.name === name)!;
 /** Larger than the 1 MiB the library grows blob pipes to: skopeo cannot have written it all ahead. */
@@ -139,6 +141,31 @@ interface Tracked {
 const SEEDS = [0x5eed0001, 0xc0ffee, 20240611];
 const STEPS = 150;
 const MAX_OPEN = 8;
+
+/** One 16 MiB layer: far more than the 1 MiB pipe, so that buffering on our side would show. */
+function buildBigImage(): { ref: string; digest: string; size: number; data: Uint8Array } {
+  const layout = join(fixture.dir, "big");
+  const image = writeImage(layout, [[{ name: "big.bin", content: noise(16 << 20, 77) }]]);
+  writeFileSync(
+    join(layout, "index.json"),
+    JSON.stringify({
+      schemaVersion: 2,
+      manifests: [{
+        mediaType: "application/vnd.oci.image.manifest.v1+json",
+        digest: image.manifest.digest,
+        size: image.manifest.size,
+        annotations: { "org.opencontainers.image.ref.name": "latest" },
+      }],
+    }),
+  );
+  const [layer] = image.layers;
+  return { ref: `oci:${layout}:latest`, digest: layer.digest, size: layer.size, data: layer.data };
+}
+
+/** Bytes process `pid` has written (pipes and sockets included). */
+function bytesWritten(pid: number): number {
+  return Number(/^wchar: (\d+)$/m.exec(readProcFile(`/proc/${pid}/io`))![1]);
+}
 
 for (const server of SERVERS) {
   const at = `(${server.name})`;
@@ -268,6 +295,45 @@ for (const server of SERVERS) {
       });
     });
   }
+
+  test(`a blob stream that is not read holds skopeo back: its pipe fills and nothing piles up here ${at}`, async () => {
+    const big = bigImage ??= buildBigImage();
+    await withProxy(server, async (proxy) => {
+      const img = await proxy.openImage(big.ref);
+      const fetches: [string, () => ReturnType<typeof proxy.getBlob>][] = [
+        ["getBlob", () => proxy.getBlob(img, big.digest, big.size)],
+      ];
+      if (modern) fetches.push(["getRawBlob", () => proxy.getRawBlob(img, big.digest)]);
+      for (const [method, fetch] of fetches) {
+        const start = bytesWritten(proxy.pid!);
+        const { stream } = await fetch();
+        const reader = stream.getReader();
+        const first = await reader.read();
+        assert.ok(!first.done && first.value.length > 0);
+        // Let skopeo write all it can while nobody reads: until its count stops moving for 300 ms.
+        let last = -1;
+        for (let now = bytesWritten(proxy.pid!); now !== last; now = bytesWritten(proxy.pid!)) {
+          last = now;
+          await new Promise((r) => setTimeout(r, 300));
+        }
+        const ahead = last - start - first.value.length;
+        assert.ok(
+          ahead < 4 << 20,
+          `${method}: skopeo wrote ${ahead} bytes past what was read, more than the 1 MiB pipe and a few chunks`,
+        );
+        const hash = createHash("sha256").update(first.value);
+        let total = first.value.length;
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          hash.update(value);
+          total += value.length;
+        }
+        assert.equal(total, big.size);
+        assert.equal(`sha256:${hash.digest("hex")}`, big.digest, `${method}: every byte, in order`);
+      }
+    });
+  });
 
   test(`streams read in reverse order of request, one left idle past the idle timeout and finished last ${at}`, async () => {
     const idleTimeoutMs = 500;

@@ -1,8 +1,9 @@
 /**
  * The Deno adapter: libc through `Deno.dlopen` for the socketpair, SCM_RIGHTS and pipe reads, and
- * `Deno.Command` for the child. Blocking calls (`recvmsg`, `read`, and `splice` and `fsync` for blobs
- * saved to files) run as nonblocking FFI calls on Deno's blocking thread pool, so the event loop stays
- * free while skopeo works.
+ * `Deno.Command` for the child. Blob pipes are read from the event loop by `node:net`, which can take
+ * over a pipe fd. Blocking calls (`recvmsg`, the reads of small pipes and of raw blobs this client
+ * hashes, and `splice` and `fsync` for blobs saved to files) run as nonblocking FFI calls on Deno's
+ * blocking thread pool, so the event loop stays free while skopeo works.
  *
  * Permissions: `--allow-ffi` (libc), `--allow-run` (skopeo), `--allow-env` (reading
  * `CONTAINERS_IMAGE_PROXY_DEBUG`; the child inherits the environment).
@@ -12,6 +13,7 @@
  */
 
 import { createHash } from "node:crypto";
+import { Socket } from "node:net";
 import { endChild, within } from "../async.ts";
 import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
@@ -258,6 +260,7 @@ class DenoTransport implements Transport {
     if (options.pipeSize) {
       const size = lib.fcntl(fd, F_SETPIPE_SZ, options.pipeSize);
       if (size > 0) readSize = Math.min(size, BLOB_READ);
+      if (!options.readerBusy) return eventLoopStream(fd);
     }
     let reading = false;
     let closed = false;
@@ -462,6 +465,45 @@ class DenoTransport implements Transport {
       this.#child.kill(signal);
     } catch { /* already gone */ }
   }
+}
+
+/**
+ * A blob pipe read from Deno's event loop: `node:net` takes the fd over (it sets O_NONBLOCK and closes
+ * it when the stream ends, errors or is cancelled) and reads it when epoll says it is readable, with no
+ * thread-pool hop per read. On skopeo 1.22, 1 GiB: 0.84-0.86 GiB/s and 0.71 s of CPU, against
+ * 0.72-0.75 GiB/s and 1.07 s with pool reads. Its reads are at most 64 KiB and run on this thread, so
+ * a reader that hashes every byte itself does better with pool reads (see `readerBusy`).
+ */
+function eventLoopStream(fd: number): ReadableStream<Uint8Array> {
+  const socket = new Socket({ fd, readable: true, writable: false });
+  socket.pause();
+  let settled = false;
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      socket.on("data", (chunk: Uint8Array) => {
+        if (settled) return;
+        controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+        if ((controller.desiredSize ?? 0) <= 0) socket.pause();
+      });
+      socket.once("end", () => {
+        if (settled) return;
+        settled = true;
+        controller.close();
+      });
+      socket.once("error", (err: Error) => {
+        if (settled) return;
+        settled = true;
+        controller.error(new Error(`Reading pipe fd ${fd} failed: ${err.message}`));
+      });
+    },
+    pull() {
+      socket.resume();
+    },
+    cancel() {
+      settled = true;
+      socket.destroy();
+    },
+  }, { highWaterMark: 1 });
 }
 
 async function pumpStderr(stream: ReadableStream<Uint8Array>, tail: TailBuffer): Promise<void> {

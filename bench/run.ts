@@ -6,7 +6,8 @@
  *   bun bench/run.ts [options]
  *
  * Options: `--quick` (small blobs, one run each: the CI smoke run), `--runs N`, `--runtime deno|bun`
- * (which runtime runs our client; default: the one running this script), `--server NAME` (substring
+ * (which runtime runs our client; default: both, one after the other, each against its own baseline
+ * runs, in one table), `--server NAME` (substring
  * of "skopeo 1.22.0", repeatable), `--only METRIC` (substring, repeatable), `--out FILE` (also write
  * the table), `--json FILE` (every run's raw result, one JSON line each), `--lib DIR` (measure a
  * scratch copy of the library, DIR/mod.ts, instead of this checkout: for trying changes to src/),
@@ -40,10 +41,12 @@ const DENO_PERMISSIONS = ["--allow-read", "--allow-write", "--allow-run", "--all
 /** A run that takes longer than this is killed (its skopeo dies with it through setpriv). */
 const RUN_TIMEOUT_MS = 300_000;
 
+type Runtime = "deno" | "bun";
+
 interface Options {
   quick: boolean;
   runs: number;
-  runtime: "deno" | "bun";
+  runtimes: Runtime[];
   servers: string[];
   only: string[];
   out?: string;
@@ -55,8 +58,14 @@ interface Options {
 }
 
 function parseOptions(argv: string[]): Options {
-  const current = "Bun" in globalThis ? "bun" : "deno";
-  const options: Options = { quick: false, runs: 5, runtime: current, servers: [], only: [], fetch: "auto" };
+  const options: Options = {
+    quick: false,
+    runs: 5,
+    runtimes: ["deno", "bun"],
+    servers: [],
+    only: [],
+    fetch: "auto",
+  };
   let runsGiven = false;
   for (let i = 0; i < argv.length; i++) {
     const [flag, inline] = argv[i].split(/=(.*)/s, 2);
@@ -73,7 +82,7 @@ function parseOptions(argv: string[]): Options {
       case "--runtime": {
         const runtime = value();
         if (runtime !== "deno" && runtime !== "bun") usage('--runtime is "deno" or "bun"');
-        options.runtime = runtime;
+        options.runtimes = [runtime];
         break;
       }
       case "--server":
@@ -224,7 +233,7 @@ function buildLayout(work: string, bigSize: number, partSize: number): Fixture {
 
 type Result = Record<string, number> & { wallSeconds: number };
 
-function runtimeCommand(runtime: "deno" | "bun"): string[] {
+function runtimeCommand(runtime: Runtime): string[] {
   const current = "Bun" in globalThis ? "bun" : "deno";
   const binary = runtime === current
     ? process.execPath
@@ -262,7 +271,14 @@ function runJson(argv: string[], what: string, env?: Record<string, string>): Re
 class Bench {
   readonly rows: Row[] = [];
   readonly raw: string[] = [];
+  /** The runtime that runs our client in the rows being measured. */
+  runtime: Runtime = "deno";
   constructor(readonly options: Options, readonly baseline: string, readonly fixture: Fixture) {}
+
+  /** Adds a row for the current runtime. */
+  add(row: Omit<Row, "runtime">): void {
+    this.rows.push({ ...row, runtime: this.runtime });
+  }
 
   wanted(metric: string): boolean {
     return this.options.only.length === 0 || this.options.only.some((o) => metric.toLowerCase().includes(o));
@@ -271,14 +287,14 @@ class Bench {
   ours(server: Server, task: Omit<ClientTask, "skopeoCmd">): Result {
     const full: ClientTask = { ...task, skopeoCmd: server.skopeoCmd };
     const result = runJson(
-      [...runtimeCommand(this.options.runtime), join(BENCH, "client.ts"), JSON.stringify(full)],
-      `${this.options.runtime} client ${task.mode}`,
+      [...runtimeCommand(this.runtime), join(BENCH, "client.ts"), JSON.stringify(full)],
+      `${this.runtime} client ${task.mode}`,
       this.options.lib ? { BENCH_LIB: this.options.lib } : undefined,
     );
     this.raw.push(
       JSON.stringify({
         side: "ours",
-        runtime: this.options.runtime,
+        runtime: this.runtime,
         server: server.name,
         ...task,
         blobs: undefined,
@@ -329,7 +345,7 @@ class Bench {
     server: Server,
     ours: () => number,
     base: () => number,
-    spec: Omit<Row, "metric" | "server" | "ours" | "base">,
+    spec: Omit<Row, "metric" | "server" | "runtime" | "ours" | "base">,
   ): void {
     if (!this.wanted(metric)) return;
     const o: number[] = [];
@@ -349,7 +365,7 @@ class Bench {
         }`,
       );
     }
-    this.rows.push({ metric, server: server.name, ours: o, base: b, error, ...spec });
+    this.add({ metric, server: server.name, ours: o, base: b, error, ...spec });
   }
 }
 
@@ -359,6 +375,7 @@ class Bench {
 interface Row {
   metric: string;
   server: string;
+  runtime: Runtime;
   unit: "GiB/s" | "µs" | "ms" | "MiB" | "s";
   ours: number[];
   base: number[];
@@ -390,8 +407,8 @@ function spread(unit: Row["unit"], values: number[]): string {
 
 function table(rows: Row[], options: Options): string {
   const lines = [
-    `| metric | server | ours (${options.runtime}) | baseline | ratio | target | result | spread ours / baseline (n=${options.runs}) |`,
-    "|---|---|---|---|---|---|---|---|",
+    `| metric | server | runtime | ours | baseline | ratio | target | result | spread ours / baseline (n=${options.runs}) |`,
+    "|---|---|---|---|---|---|---|---|---|",
   ];
   for (const row of rows) {
     const o = median(row.ours);
@@ -409,9 +426,11 @@ function table(rows: Row[], options: Options): string {
     }
     if (row.error) result = Number.isNaN(o) ? `ERROR: ${row.error}` : `${result} (${row.error})`;
     lines.push(
-      `| ${row.metric} | ${row.server} | ${fmt(row.unit, o)} | ${fmt(row.unit, b)} | ${ratio} | ${
-        row.target?.text ?? "—"
-      } | ${result} | ${spread(row.unit, row.ours)} / ${spread(row.unit, row.base)} |`,
+      `| ${row.metric} | ${row.server} | ${row.runtime} | ${fmt(row.unit, o)} | ${
+        fmt(row.unit, b)
+      } | ${ratio} | ${row.target?.text ?? "—"} | ${result} | ${spread(row.unit, row.ours)} / ${
+        spread(row.unit, row.base)
+      } |`,
     );
   }
   return lines.join("\n");
@@ -459,7 +478,7 @@ function benchServer(bench: Bench, server: Server): void {
     );
     const last = bench.rows.at(-1);
     if (last?.metric.startsWith("getRawBlob")) {
-      bench.rows.push({
+      bench.add({
         ...last,
         metric: `getRawBlob + client digest ${bigLabel} vs GetRawBlob (1 MiB pipe)`,
         base: rawBase,
@@ -483,7 +502,7 @@ function benchServer(bench: Bench, server: Server): void {
     { unit: "ms", compare: "diff", target: { text: "<= baseline + 20 ms", pass: (o, b) => o <= b + 20 } },
   );
   if (bench.wanted(`peak RSS - idle`) && rss.length > 0) {
-    bench.rows.push({
+    bench.add({
       metric: `peak RSS - idle, getBlob ${bigLabel}`,
       server: server.name,
       unit: "MiB",
@@ -494,7 +513,7 @@ function benchServer(bench: Bench, server: Server): void {
     });
   }
   if (bench.wanted(`peak RSS - idle`) && rawRss.length > 0) {
-    bench.rows.push({
+    bench.add({
       metric: `peak RSS - idle, getRawBlob ${bigLabel}`,
       server: server.name,
       unit: "MiB",
@@ -535,7 +554,7 @@ function benchServer(bench: Bench, server: Server): void {
           return bench.command(
             server,
             [
-              ...runtimeCommand(options.runtime),
+              ...runtimeCommand(bench.runtime),
               cli,
               "--skopeo",
               server.skopeoCmd.join(" "),
@@ -605,10 +624,13 @@ function main(): void {
   const bench = new Bench(options, baseline, fixture);
   const started = performance.now();
   for (const server of servers) {
-    log(
-      `${server.name} (protocol ${server.protocol}), our client on ${options.runtime}, ${options.runs} run(s) each`,
-    );
-    benchServer(bench, server);
+    for (const runtime of options.runtimes) {
+      bench.runtime = runtime;
+      log(
+        `${server.name} (protocol ${server.protocol}), our client on ${runtime}, ${options.runs} run(s) each`,
+      );
+      benchServer(bench, server);
+    }
   }
   const leftover = [...proxiesOf()].filter((pid) => !before.has(pid));
   if (leftover.length > 0) {

@@ -30,7 +30,7 @@ else
   echo "bun build --compile failed"
 fi
 
-echo "== bench/run.ts --quick"
+echo "== bench/run.ts --quick (our client under Deno and under Bun)"
 timeout 600 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/run.ts --quick
 extra+=("bench --quick=$?")
 

@@ -24,7 +24,7 @@ import {
   waitFor,
   within,
 } from "./helpers/env.ts";
-import { noise, sha256, writeImage } from "./helpers/fixtures.ts";
+import { noise, sha256, tagLatest, writeImage } from "./helpers/fixtures.ts";
 import { withProxy } from "./helpers/proxy.ts";
 import { childPids } from "./helpers/concurrency-procs.ts";
 import { startStandInRegistry } from "./helpers/concurrency-registry.ts";
@@ -63,19 +63,7 @@ function buildImage(): { dir: string; ref: string; manifestDigest: string; blobs
   const manifestDigest = sha256(manifestBytes);
   mkdirSync(join(layout, "blobs", "sha256"), { recursive: true });
   writeFileSync(join(layout, "blobs", "sha256", manifestDigest.slice(7)), manifestBytes);
-  writeFileSync(join(layout, "oci-layout"), JSON.stringify({ imageLayoutVersion: "1.0.0" }));
-  writeFileSync(
-    join(layout, "index.json"),
-    JSON.stringify({
-      schemaVersion: 2,
-      manifests: [{
-        mediaType: "application/vnd.oci.image.manifest.v1+json",
-        digest: manifestDigest,
-        size: manifestBytes.length,
-        annotations: { "org.opencontainers.image.ref.name": "latest" },
-      }],
-    }),
-  );
+  tagLatest(layout, manifestDigest, manifestBytes.length);
   const blobs: Blob[] = [
     ...image.layers.map((l, i) => ({ name: `layer${i}`, digest: l.digest, size: l.size, data: l.data })),
     { name: "empty", digest: emptyDigest, size: 0, data: empty },
@@ -146,18 +134,7 @@ const MAX_OPEN = 8;
 function buildBigImage(): { ref: string; digest: string; size: number; data: Uint8Array } {
   const layout = join(fixture.dir, "big");
   const image = writeImage(layout, [[{ name: "big.bin", content: noise(16 << 20, 77) }]]);
-  writeFileSync(
-    join(layout, "index.json"),
-    JSON.stringify({
-      schemaVersion: 2,
-      manifests: [{
-        mediaType: "application/vnd.oci.image.manifest.v1+json",
-        digest: image.manifest.digest,
-        size: image.manifest.size,
-        annotations: { "org.opencontainers.image.ref.name": "latest" },
-      }],
-    }),
-  );
+  tagLatest(layout, image.manifest.digest, image.manifest.size);
   const [layer] = image.layers;
   return { ref: `oci:${layout}:latest`, digest: layer.digest, size: layer.size, data: layer.data };
 }

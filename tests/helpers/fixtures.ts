@@ -162,6 +162,16 @@ function writeLayout(layout: string, manifests: object[]): void {
   writeFileSync(join(layout, "index.json"), JSON.stringify({ schemaVersion: 2, manifests }));
 }
 
+/** Makes `layout` an OCI layout whose only image, tagged `latest`, is the OCI manifest `digest`. */
+export function tagLatest(layout: string, digest: string, size: number): void {
+  writeLayout(layout, [{
+    mediaType: "application/vnd.oci.image.manifest.v1+json",
+    digest,
+    size,
+    annotations: { "org.opencontainers.image.ref.name": "latest" },
+  }]);
+}
+
 /** The ordinary files of the base fixture image. */
 export const BASE_LAYERS: TarEntry[][] = [
   [

@@ -501,23 +501,13 @@ function benchServer(bench: Bench, server: Server): void {
     () => bench.base(server, "spawn", big).ms,
     { unit: "ms", compare: "diff", target: { text: "<= baseline + 20 ms", pass: (o, b) => o <= b + 20 } },
   );
-  if (bench.wanted(`peak RSS - idle`) && rss.length > 0) {
+  for (const [method, values] of [["getBlob", rss], ["getRawBlob", rawRss]] as const) {
+    if (!bench.wanted(`peak RSS - idle`) || values.length === 0) continue;
     bench.add({
-      metric: `peak RSS - idle, getBlob ${bigLabel}`,
+      metric: `peak RSS - idle, ${method} ${bigLabel}`,
       server: server.name,
       unit: "MiB",
-      ours: rss,
-      base: [],
-      compare: "diff",
-      target: { text: "< 64 MiB", pass: (o) => o < 64 },
-    });
-  }
-  if (bench.wanted(`peak RSS - idle`) && rawRss.length > 0) {
-    bench.add({
-      metric: `peak RSS - idle, getRawBlob ${bigLabel}`,
-      server: server.name,
-      unit: "MiB",
-      ours: rawRss,
+      ours: values,
       base: [],
       compare: "diff",
       target: { text: "< 64 MiB", pass: (o) => o < 64 },

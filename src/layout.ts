@@ -5,8 +5,8 @@
  * Every blob goes to a temporary name in its final folder (moved there by the adapter with
  * `ImageProxy.saveBlob` when it can, streamed through this process otherwise) and is renamed only
  * once the proxy (or, for raw blobs, this client) has verified it, so an interrupted fetch never
- * leaves a blob that looks complete. Blobs already present with the right digest are not fetched again. The manifest
- * and `index.json` are written last.
+ * leaves a blob that looks complete. Blobs already present with the right digest are not fetched
+ * again. The manifest and `index.json` are written last.
  *
  * @module
  * @tags allow-read, allow-write

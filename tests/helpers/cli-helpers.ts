@@ -11,6 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { IN_CI, ROOT, RUNTIME } from "./env.ts";
+import { concat } from "../../src/bytes.ts";
 
 /** What a CLI run produced. */
 export interface CliResult {
@@ -229,15 +230,9 @@ export function padded(data: Uint8Array | string): Uint8Array {
   return out;
 }
 
-/** Concatenates byte arrays. */
+/** Concatenates byte arrays (the library's own `concat`, spread). */
 export function concatBytes(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
+  return concat(parts);
 }
 
 /** A PAX record `LENGTH KEY=VALUE\n`, its length counting itself. */

@@ -168,7 +168,9 @@ export class ImageProxy implements AsyncDisposable {
   /** The protocol version the proxy announced (`"0.2.3"` ... `"0.2.8"`). */
   readonly protocolVersion: string;
   readonly #transport: Transport;
-  #queue: Promise<unknown> = Promise.resolve();
+  /** Whether a request is on the wire; the others wait in `#waiting`, in order. */
+  #busy = false;
+  readonly #waiting: (() => void)[] = [];
   #exit: ChildExit | undefined;
   #shutdown: Promise<void> | undefined;
   #closedError: ImageProxyError | undefined;
@@ -594,7 +596,7 @@ export class ImageProxy implements AsyncDisposable {
     const transport = this.#transport;
     if (this.#exit === undefined) {
       // Shutdown goes after the request on the wire, if any, but never waits long for it.
-      const sent = this.#queue.then(() => transport.send(encodeRequest("Shutdown", [])));
+      const sent = this.#serially(() => transport.send(encodeRequest("Shutdown", [])));
       await within(Promise.race([sent.then(() => transport.exited), transport.exited]), SHUTDOWN_GRACE_MS)
         .catch(() => {});
     }
@@ -635,20 +637,72 @@ export class ImageProxy implements AsyncDisposable {
     } catch (err) {
       return Promise.reject(err);
     }
-    const run = async (): Promise<Received> => {
+    return this.#serially(() => {
       if (this.#exit) throw exitError(this.#exit);
-      let received;
-      const request = this.#transport.request(packet);
+      const transport = this.#transport;
+      let pending: ReceivedPacket | Promise<ReceivedPacket>;
       try {
-        received = await this.#untilExit(this.#withTimeout(method, request, timeoutMs), request);
+        pending = transport.requestNow ? transport.requestNow(packet) : transport.request(packet);
       } catch (err) {
-        throw await exitedError(this.#transport, err);
+        return exitedError(transport, err).then((error) => Promise.reject(error));
       }
-      return validateReply(this.#transport, method, received.data, received.fds, shape, context);
-    };
-    const result = this.#queue.then(run, run);
-    this.#queue = result.catch(() => {});
-    return result;
+      if (!(pending instanceof Promise)) {
+        // The reply was already there: no timer, no race with the exit.
+        return validateReply(transport, method, pending.data, pending.fds, shape, context);
+      }
+      return this.#awaitReply(method, pending, timeoutMs).then((received) =>
+        validateReply(transport, method, received.data, received.fds, shape, context)
+      );
+    });
+  }
+
+  /**
+   * Runs `job` once every job queued before it has settled, so that one request at a time is on the
+   * wire. A job that finishes synchronously lets the next one start at once: a program awaiting one
+   * request after another sends each as soon as it asks, with no promise hop of the queue's own.
+   */
+  #serially<T>(job: () => T | Promise<T>): Promise<T> {
+    if (this.#busy) {
+      return new Promise<T>((resolve) => this.#waiting.push(() => resolve(this.#run(job))));
+    }
+    return this.#run(job);
+  }
+
+  #run<T>(job: () => T | Promise<T>): Promise<T> {
+    this.#busy = true;
+    let result: T | Promise<T>;
+    try {
+      result = job();
+    } catch (err) {
+      this.#next();
+      return Promise.reject(err);
+    }
+    if (result instanceof Promise) {
+      result.then(this.#next, this.#next);
+      return result;
+    }
+    this.#next();
+    return Promise.resolve(result);
+  }
+
+  /** Marks the wire free and starts the next queued job, if any, in a microtask (no deep recursion). */
+  readonly #next = (): void => {
+    const waiter = this.#waiting.shift();
+    if (waiter) queueMicrotask(waiter);
+    else this.#busy = false;
+  };
+
+  /** Waits for a reply that was not there at once: with the request timeout and the child's exit. */
+  async #awaitReply(
+    method: Method,
+    request: Promise<ReceivedPacket>,
+    timeoutMs: number,
+  ): Promise<ReceivedPacket> {
+    try {
+      return await this.#untilExit(this.#withTimeout(method, request, timeoutMs), request);
+    } catch (err) {
+      throw await exitedError(this.#transport, err);
+    }
   }
 
   /**

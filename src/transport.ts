@@ -70,6 +70,12 @@ export interface FileSink {
 export interface Transport {
   /** Sends one request packet and resolves with the one reply packet and its fds. */
   request(packet: Uint8Array): Promise<ReceivedPacket>;
+  /**
+   * Optional fast path of {@linkcode Transport.request}: sends `packet` and returns the reply itself
+   * when it arrives within a short wait on this thread, or else a promise of it, as `request` does.
+   * Throws when the packet cannot be sent. A native `Promise` tells the two apart.
+   */
+  requestNow?(packet: Uint8Array): ReceivedPacket | Promise<ReceivedPacket>;
   /** Sends one packet that gets no reply (`Shutdown`). */
   send(packet: Uint8Array): Promise<void>;
   /**

@@ -458,6 +458,9 @@ for (const server of SERVERS) {
   test(`skopeo killed with SIGKILL mid-request rejects the request with its exit ${at}`, async () => {
     const before = openFds();
     const proxy = await ImageProxy.spawn({ skopeoCmd: server.skopeoCmd });
+    // Stopped, skopeo cannot answer before it dies: the reply to a local open can otherwise come
+    // within the transport's first wait, before the signal lands.
+    process.kill(proxy.pid!, "SIGSTOP");
     const pending = proxy.openImage(LATEST);
     process.kill(proxy.pid!, "SIGKILL");
     await assert.rejects(pending, (err: unknown) => {

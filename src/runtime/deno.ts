@@ -70,6 +70,7 @@ const SYMBOLS = {
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   writeLater: { name: "write", parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
   close: { parameters: ["i32"], result: "i32" },
+  sched_yield: { parameters: [], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
@@ -106,11 +107,11 @@ const MAX_FDS = 16;
 /** Read size for small payload pipes; blob pipes read up to their (grown) pipe size. */
 const SMALL_READ = 64 * 1024;
 /**
- * Non-blocking receive attempts before handing the wait to the thread pool. skopeo answers most
- * requests within microseconds, and a thread-pool hop costs tens of them; the spin is bounded (a few
- * hundred microseconds at most) so the event loop is never held for long.
+ * How long a request waits for its reply on the JS thread before handing the wait to the thread pool.
+ * skopeo answers most requests within tens of microseconds, and a thread-pool hop costs about as
+ * much again; the bound keeps the event loop from being held for long by a slow request.
  */
-const RECEIVE_SPINS = 1000;
+const RECEIVE_SPIN_MS = 0.25;
 /**
  * The largest read of a blob pipe. Reading a full 1 MiB pipe at once made chunks that V8 collected
  * late. With 192 KiB reads, getRawBlob of 1 GiB on skopeo 1.22 (hashing in this thread) peaked about
@@ -204,54 +205,81 @@ class DenoTransport implements Transport {
     child.unref();
   }
 
-  async request(packet: Uint8Array): Promise<ReceivedPacket> {
-    await this.send(packet);
-    return await this.#receive();
+  request(packet: Uint8Array): Promise<ReceivedPacket> {
+    try {
+      return Promise.resolve(this.requestNow(packet));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  requestNow(packet: Uint8Array): ReceivedPacket | Promise<ReceivedPacket> {
+    if (this.#receiving) throw new Error("Concurrent receive on the proxy socket");
+    this.#sendNow(packet);
+    // skopeo usually answers within tens of microseconds: wait for it here rather than hop to the pool.
+    const until = performance.now() + RECEIVE_SPIN_MS;
+    do {
+      const received = this.#receiveOnce();
+      if (received) return received;
+      // skopeo's thread may be waiting for this CPU: let it run.
+      this.#lib.sched_yield();
+    } while (performance.now() < until);
+    return this.#receiveLater();
   }
 
   send(packet: Uint8Array): Promise<void> {
-    if (this.#socket < 0) return Promise.reject(new Error("The socket is closed"));
-    const sent = Number(this.#lib.send(this.#socket, packet, BigInt(packet.length), MSG_NOSIGNAL));
-    if (sent !== packet.length) return Promise.reject(new Error("Sending to the image proxy failed"));
-    return Promise.resolve();
+    try {
+      this.#sendNow(packet);
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
-  async #receive(): Promise<ReceivedPacket> {
-    if (this.#receiving) throw new Error("Concurrent receive on the proxy socket");
+  #sendNow(packet: Uint8Array): void {
+    if (this.#socket < 0) throw new Error("The socket is closed");
+    const sent = Number(this.#lib.send(this.#socket, packet, BigInt(packet.length), MSG_NOSIGNAL));
+    if (sent !== packet.length) throw new Error("Sending to the image proxy failed");
+  }
+
+  /** Waits on the thread pool for the reply that the spin in `requestNow` did not see. */
+  async #receiveLater(): Promise<ReceivedPacket> {
     this.#receiving = true;
     try {
       for (let attempt = 0;; attempt++) {
         if (this.#socket < 0) throw new Error("The socket is closed");
         resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
-        let n = -1;
-        for (let spin = 0; spin < RECEIVE_SPINS && n < 0; spin++) {
-          n = Number(this.#lib.recvmsgNow(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT));
-        }
-        if (n < 0) {
-          resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
-          n = Number(await whilePending(this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC)));
-        }
-        if (n < 0) {
-          // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
-          if (attempt < 3) continue;
-          throw new Error("Receiving from the image proxy failed");
-        }
-        const header = readMsghdr(new DataView(this.#msghdr.buffer));
-        const fds = parseScmRights(this.#control, header.controlLength);
-        if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
-        if (header.flags & (MSG_TRUNC | MSG_CTRUNC)) {
-          for (const fd of fds) this.closeFd(fd);
-          throw new ProtocolError(
-            header.flags & MSG_TRUNC
-              ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
-              : "Reply carried more file descriptors than expected",
-          );
-        }
-        return { data: this.#data.slice(0, n), fds };
+        const n = Number(await whilePending(this.#lib.recvmsg(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC)));
+        if (n >= 0) return this.#packet(n);
+        // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
+        if (attempt >= 3) throw new Error("Receiving from the image proxy failed");
       }
     } finally {
       this.#receiving = false;
     }
+  }
+
+  /** One `recvmsg(MSG_DONTWAIT)`: the reply, or `undefined` while there is none yet. */
+  #receiveOnce(): ReceivedPacket | undefined {
+    resetMsghdr(new DataView(this.#msghdr.buffer), this.#control.length);
+    const n = Number(this.#lib.recvmsgNow(this.#socket, this.#msghdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT));
+    return n < 0 ? undefined : this.#packet(n);
+  }
+
+  /** The reply of `n` bytes now in the buffers, with its fds; validated for truncation. */
+  #packet(n: number): ReceivedPacket {
+    const header = readMsghdr(new DataView(this.#msghdr.buffer));
+    const fds = parseScmRights(this.#control, header.controlLength);
+    if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
+    if (header.flags & (MSG_TRUNC | MSG_CTRUNC)) {
+      for (const fd of fds) this.closeFd(fd);
+      throw new ProtocolError(
+        header.flags & MSG_TRUNC
+          ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
+          : "Reply carried more file descriptors than expected",
+      );
+    }
+    return { data: this.#data.slice(0, n), fds };
   }
 
   openStream(fd: number, options: FdStreamOptions = {}): ReadableStream<Uint8Array> {

@@ -64,6 +64,7 @@ const SYMBOLS = {
   send: { args: ["i32", "ptr", "usize", "i32"], returns: "i64_fast" },
   write: { args: ["i32", "ptr", "usize"], returns: "i64_fast" },
   close: { args: ["i32"], returns: "i32" },
+  sched_yield: { args: [], returns: "i32" },
   shutdown: { args: ["i32", "i32"], returns: "i32" },
   fcntl: { args: ["i32", "i32", "i32"], returns: "i32" },
   ioctl: { args: ["i32", "u64", "ptr"], returns: "i32" },
@@ -81,6 +82,7 @@ interface Libc {
   send(fd: number, data: Uint8Array, length: number, flags: number): number | bigint;
   write(fd: number, data: Uint8Array, length: number): number | bigint;
   close(fd: number): number;
+  sched_yield(): number;
   shutdown(fd: number, how: number): number;
   fcntl(fd: number, command: number, argument: number): number;
   ioctl(fd: number, request: number, argument: Int32Array): number;
@@ -138,6 +140,12 @@ function bun(): BunGlobal {
 const REPLY_BUFFER_SIZE = 1 << 20;
 /** Room for more fds than any reply carries, so that extra ones are seen (and closed), not lost. */
 const MAX_FDS = 16;
+/**
+ * How long a request watches for its reply on the JS thread before waiting for the receiver's
+ * notification, which takes tens of microseconds to reach the event loop; the bound keeps the event
+ * loop from being held for long by a slow request.
+ */
+const RECEIVE_SPIN_MS = 0.25;
 
 /** The receiver's state word: the worker may call `recvmsg` (the buffers are its). */
 const ARMED = 0;
@@ -279,16 +287,41 @@ class BunTransport implements Transport {
     child.unref();
   }
 
-  async request(packet: Uint8Array): Promise<ReceivedPacket> {
-    await this.send(packet);
-    return await this.#receive();
+  request(packet: Uint8Array): Promise<ReceivedPacket> {
+    try {
+      return Promise.resolve(this.requestNow(packet));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  requestNow(packet: Uint8Array): ReceivedPacket | Promise<ReceivedPacket> {
+    if (this.#receiving) throw new Error("Concurrent receive on the proxy socket");
+    this.#sendNow(packet);
+    // skopeo usually answers within tens of microseconds: watch the receiver's state word here rather
+    // than wait for its notification to reach the event loop.
+    const until = performance.now() + RECEIVE_SPIN_MS;
+    do {
+      if (Atomics.load(this.#state, 0) === READY) return this.#result();
+      // The receiver, or skopeo's thread, may be waiting for this CPU: let it run.
+      this.#lib.sched_yield();
+    } while (performance.now() < until);
+    return this.#receive();
   }
 
   send(packet: Uint8Array): Promise<void> {
-    if (this.#socket < 0) return Promise.reject(new Error("The socket is closed"));
+    try {
+      this.#sendNow(packet);
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  #sendNow(packet: Uint8Array): void {
+    if (this.#socket < 0) throw new Error("The socket is closed");
     const sent = Number(this.#lib.send(this.#socket, packet, packet.length, MSG_NOSIGNAL));
-    if (sent !== packet.length) return Promise.reject(new Error("Sending to the image proxy failed"));
-    return Promise.resolve();
+    if (sent !== packet.length) throw new Error("Sending to the image proxy failed");
   }
 
   #hold(delta: 1 | -1): void {
@@ -312,24 +345,29 @@ class BunTransport implements Transport {
     this.#hold(1);
     try {
       await this.#ready();
-      // close() takes over a result that arrives after it started (and closes its fds).
-      if (this.#socket < 0 || Atomics.load(this.#state, 0) !== READY) throw new Error("The socket is closed");
-      const result = this.#take();
-      if (result.n < 0) throw new Error(`Receiving from the image proxy failed (errno ${result.errno})`);
-      if (result.n === 0 && result.fds.length === 0) throw new Error("The image proxy closed the connection");
-      if (result.flags & (MSG_TRUNC | MSG_CTRUNC)) {
-        for (const fd of result.fds) this.closeFd(fd);
-        throw new ProtocolError(
-          result.flags & MSG_TRUNC
-            ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
-            : "Reply carried more file descriptors than expected",
-        );
-      }
-      return { data: result.data, fds: result.fds };
+      return this.#result();
     } finally {
       this.#hold(-1);
       this.#receiving = false;
     }
+  }
+
+  /** The reply the receiver has ready, validated; the buffers go back to the receiver. */
+  #result(): ReceivedPacket {
+    // close() takes over a result that arrives after it started (and closes its fds).
+    if (this.#socket < 0 || Atomics.load(this.#state, 0) !== READY) throw new Error("The socket is closed");
+    const result = this.#take();
+    if (result.n < 0) throw new Error(`Receiving from the image proxy failed (errno ${result.errno})`);
+    if (result.n === 0 && result.fds.length === 0) throw new Error("The image proxy closed the connection");
+    if (result.flags & (MSG_TRUNC | MSG_CTRUNC)) {
+      for (const fd of result.fds) this.closeFd(fd);
+      throw new ProtocolError(
+        result.flags & MSG_TRUNC
+          ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
+          : "Reply carried more file descriptors than expected",
+      );
+    }
+    return { data: result.data, fds: result.fds };
   }
 
   /** Copies the received packet out of the shared buffers and hands them back to the receiver. */

@@ -35,3 +35,26 @@ export async function endChild<T>(
   if ((await within(exited, 1000)) === undefined) kill("SIGKILL");
   return { exit: await exited, killed: true };
 }
+
+/** Runs `fn` and returns its result as a promise: a value resolves it, a throw rejects it. */
+export function promiseOf<T>(fn: () => T | Promise<T>): Promise<T> {
+  try {
+    return Promise.resolve(fn());
+  } catch (err) {
+    return Promise.reject(err);
+  }
+}
+
+/**
+ * Calls `poll` until it returns a value or `ms` milliseconds have passed, calling `pause` between
+ * attempts; `undefined` if nothing came. It holds the calling thread for at most about `ms`.
+ */
+export function spinFor<T>(ms: number, poll: () => T | undefined, pause: () => void): T | undefined {
+  const until = performance.now() + ms;
+  do {
+    const value = poll();
+    if (value !== undefined) return value;
+    pause();
+  } while (performance.now() < until);
+  return undefined;
+}

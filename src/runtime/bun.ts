@@ -12,7 +12,7 @@
  * @module
  */
 
-import { endChild, within } from "../async.ts";
+import { endChild, promiseOf, spinFor, within } from "../async.ts";
 import { ProtocolError, SpawnError } from "../errors.ts";
 import { fsync } from "node:fs";
 import type {
@@ -288,34 +288,24 @@ class BunTransport implements Transport {
   }
 
   request(packet: Uint8Array): Promise<ReceivedPacket> {
-    try {
-      return Promise.resolve(this.requestNow(packet));
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    return promiseOf(() => this.requestNow(packet));
   }
 
   requestNow(packet: Uint8Array): ReceivedPacket | Promise<ReceivedPacket> {
     if (this.#receiving) throw new Error("Concurrent receive on the proxy socket");
     this.#sendNow(packet);
     // skopeo usually answers within tens of microseconds: watch the receiver's state word here rather
-    // than wait for its notification to reach the event loop.
-    const until = performance.now() + RECEIVE_SPIN_MS;
-    do {
-      if (Atomics.load(this.#state, 0) === READY) return this.#result();
-      // The receiver, or skopeo's thread, may be waiting for this CPU: let it run.
-      this.#lib.sched_yield();
-    } while (performance.now() < until);
-    return this.#receive();
+    // than wait for its notification to reach the event loop. Between looks, give the CPU to the
+    // receiver or skopeo's thread, which may be waiting for it.
+    return spinFor(
+      RECEIVE_SPIN_MS,
+      () => Atomics.load(this.#state, 0) === READY ? this.#result() : undefined,
+      this.#lib.sched_yield,
+    ) ?? this.#receive();
   }
 
   send(packet: Uint8Array): Promise<void> {
-    try {
-      this.#sendNow(packet);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    return promiseOf(() => this.#sendNow(packet));
   }
 
   #sendNow(packet: Uint8Array): void {

@@ -14,7 +14,7 @@
 
 import { createHash } from "node:crypto";
 import { Socket } from "node:net";
-import { endChild, within } from "../async.ts";
+import { endChild, promiseOf, spinFor, within } from "../async.ts";
 import { ProtocolError, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
@@ -206,34 +206,19 @@ class DenoTransport implements Transport {
   }
 
   request(packet: Uint8Array): Promise<ReceivedPacket> {
-    try {
-      return Promise.resolve(this.requestNow(packet));
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    return promiseOf(() => this.requestNow(packet));
   }
 
   requestNow(packet: Uint8Array): ReceivedPacket | Promise<ReceivedPacket> {
     if (this.#receiving) throw new Error("Concurrent receive on the proxy socket");
     this.#sendNow(packet);
     // skopeo usually answers within tens of microseconds: wait for it here rather than hop to the pool.
-    const until = performance.now() + RECEIVE_SPIN_MS;
-    do {
-      const received = this.#receiveOnce();
-      if (received) return received;
-      // skopeo's thread may be waiting for this CPU: let it run.
-      this.#lib.sched_yield();
-    } while (performance.now() < until);
-    return this.#receiveLater();
+    // Between attempts, give the CPU to skopeo's thread, which may be waiting for it.
+    return spinFor(RECEIVE_SPIN_MS, () => this.#receiveOnce(), this.#lib.sched_yield) ?? this.#receiveLater();
   }
 
   send(packet: Uint8Array): Promise<void> {
-    try {
-      this.#sendNow(packet);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    return promiseOf(() => this.#sendNow(packet));
   }
 
   #sendNow(packet: Uint8Array): void {

@@ -23,6 +23,7 @@ import {
   assertNoLeakedFds,
   openFds,
   processAlive,
+  processStopped,
   readAll,
   readProcFile,
   SERVERS,
@@ -461,6 +462,7 @@ for (const server of SERVERS) {
     // Stopped, skopeo cannot answer before it dies: the reply to a local open can otherwise come
     // within the transport's first wait, before the signal lands.
     process.kill(proxy.pid!, "SIGSTOP");
+    await waitFor(() => processStopped(proxy.pid!), 5000, "skopeo to stop");
     const pending = proxy.openImage(LATEST);
     process.kill(proxy.pid!, "SIGKILL");
     await assert.rejects(pending, (err: unknown) => {

@@ -155,6 +155,15 @@ export function processAlive(pid: number): boolean {
   }
 }
 
+/** Whether every thread of process `pid` is stopped (SIGSTOP reaches a running thread only later). */
+export function processStopped(pid: number): boolean {
+  const states = execFileSync("sh", ["-c", `cat /proc/${pid}/task/*/stat`], { encoding: "utf8" })
+    .split("\n").filter((line) => line).map((line) =>
+      line.slice(line.lastIndexOf(")") + 2, line.lastIndexOf(")") + 3)
+    );
+  return states.length > 0 && states.every((state) => state === "T");
+}
+
 /** Whether a file exists (re-exported for tests that need nothing else from node:fs). */
 export { existsSync };
 

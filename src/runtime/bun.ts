@@ -5,7 +5,8 @@
  * `bun:ffi` calls are synchronous, so the one call that blocks, `recvmsg`, runs on a small worker thread
  * that owns nothing but that call: the main thread packs the `msghdr` into a `SharedArrayBuffer`, the
  * worker sits in `recvmsg` on it, and hands each packet over with `Atomics.notify`, which resolves the
- * main thread's `Atomics.waitAsync`. Pipes need no thread at all: `Bun.file(fd).stream()` reads them
+ * main thread's `Atomics.waitAsync`; a reply that comes within a quarter of a millisecond is seen sooner,
+ * by the main thread watching the shared state word right after the send. Pipes need no thread at all: `Bun.file(fd).stream()` reads them
  * from Bun's event loop when they are readable, with backpressure, and a blob saved to a file is moved
  * with `splice(SPLICE_F_NONBLOCK)`, retried on a short timer while its pipe is empty.
  *

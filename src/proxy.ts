@@ -668,6 +668,7 @@ export class ImageProxy implements AsyncDisposable {
     return this.#run(job);
   }
 
+  /** Runs `job` now, holding the wire until it settles. */
   #run<T>(job: () => T | Promise<T>): Promise<T> {
     this.#busy = true;
     let result: T | Promise<T>;

@@ -375,7 +375,12 @@ for (const server of SERVERS) {
       const layer = fixtures.image.layers[1]; // 2.5 MB: more than the 1 MiB pipe and one read hold
       const baseline = processPipes(pid);
       const { stream } = await proxy.getBlob(img, layer.digest, layer.size);
-      assert.equal(processPipes(pid), baseline + 1, "the pipe's write end is open in skopeo");
+      // skopeo closes its copy of the read end only after sending it: the reply can come first.
+      await waitFor(
+        () => processPipes(pid) === baseline + 1,
+        3000,
+        "only the pipe's write end open in skopeo",
+      );
       // skopeo stops reading the layer once the pipe is full and its writer blocks.
       await waitForStable(() => readProcFile(`/proc/${pid}/io`).match(/^rchar: (\d+)/m)![1], 150, 5000);
       await stream.cancel();

@@ -35,6 +35,20 @@ export class SpawnError extends ImageProxyError {
   }
 }
 
+/**
+ * The error for a command line that could not be started, saying how to install skopeo. Shared by
+ * the runtime adapters.
+ */
+export function cannotStart(argv: readonly string[], err: unknown): SpawnError {
+  const hint = argv[0] === "setpriv" ? " (setpriv is in util-linux)" : "";
+  return new SpawnError(
+    `Cannot start "${argv[0]}"${hint}: ${(err as Error).message}. Install skopeo (Debian/Ubuntu: ` +
+      `"apt-get install skopeo", Fedora: "dnf install skopeo") or set "skopeoCmd"`,
+    argv,
+    { cause: err },
+  );
+}
+
 /** The proxy speaks a protocol version older than the oldest this library supports (0.2.3). */
 export class ProxyTooOldError extends ImageProxyError {
   /** The version the proxy announced in its `Initialize` reply. */

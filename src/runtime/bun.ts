@@ -14,7 +14,7 @@
  */
 
 import { endChild, promiseOf, spinFor, within } from "../async.ts";
-import { ProtocolError, SpawnError } from "../errors.ts";
+import { cannotStart, SpawnError } from "../errors.ts";
 import { fsync } from "node:fs";
 import type {
   ChildExit,
@@ -29,6 +29,7 @@ import type {
 import type { BunFfi, BunGlobal, BunSubprocess, BunWorker } from "./bun-api.ts";
 import {
   AF_UNIX,
+  checkReply,
   cmsgSpaceForFds,
   EAGAIN,
   EINTR,
@@ -41,9 +42,7 @@ import {
   IOVEC_SIZE,
   MFD_CLOEXEC,
   MSG_CMSG_CLOEXEC,
-  MSG_CTRUNC,
   MSG_NOSIGNAL,
-  MSG_TRUNC,
   MSGHDR_SIZE,
   O_CLOEXEC,
   O_NONBLOCK,
@@ -51,6 +50,7 @@ import {
   packMsghdr,
   parseScmRights,
   readMsghdr,
+  REPLY_BUFFER_SIZE,
   resetMsghdr,
   SHUT_RDWR,
   SOCK_CLOEXEC,
@@ -137,8 +137,6 @@ function bun(): BunGlobal {
   return (globalThis as unknown as { Bun: BunGlobal }).Bun;
 }
 
-/** Replies larger than this are a protocol error; GetLayerInfo on 400 layers is about 60 KB. */
-const REPLY_BUFFER_SIZE = 1 << 20;
 /** Room for more fds than any reply carries, so that extra ones are seen (and closed), not lost. */
 const MAX_FDS = 16;
 /**
@@ -349,15 +347,7 @@ class BunTransport implements Transport {
     if (this.#socket < 0 || Atomics.load(this.#state, 0) !== READY) throw new Error("The socket is closed");
     const result = this.#take();
     if (result.n < 0) throw new Error(`Receiving from the image proxy failed (errno ${result.errno})`);
-    if (result.n === 0 && result.fds.length === 0) throw new Error("The image proxy closed the connection");
-    if (result.flags & (MSG_TRUNC | MSG_CTRUNC)) {
-      for (const fd of result.fds) this.closeFd(fd);
-      throw new ProtocolError(
-        result.flags & MSG_TRUNC
-          ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
-          : "Reply carried more file descriptors than expected",
-      );
-    }
+    checkReply(result.n, result.fds, result.flags, (fd) => this.closeFd(fd));
     return { data: result.data, fds: result.fds };
   }
 
@@ -638,13 +628,7 @@ function spawnSync(request: SpawnRequest): Transport {
     try {
       child = bun().spawn(argv, { stdio, env: { ...bun().env, ...request.env } });
     } catch (err) {
-      const hint = argv[0] === "setpriv" ? " (setpriv is in util-linux)" : "";
-      throw new SpawnError(
-        `Cannot start "${argv[0]}"${hint}: ${(err as Error).message}. Install skopeo (Debian/Ubuntu: ` +
-          `"apt-get install skopeo", Fedora: "dnf install skopeo") or set "skopeoCmd"`,
-        argv,
-        { cause: err },
-      );
+      throw cannotStart(argv, err);
     }
     lib.close(stderrPipe[1]);
     stderrPipe[1] = -1;

@@ -17,7 +17,7 @@
 import { createHash } from "node:crypto";
 import { Socket } from "node:net";
 import { endChild, promiseOf, spinFor, within } from "../async.ts";
-import { ProtocolError, SpawnError } from "../errors.ts";
+import { cannotStart, SpawnError } from "../errors.ts";
 import type {
   ChildExit,
   FdStreamOptions,
@@ -30,6 +30,7 @@ import type {
 } from "../transport.ts";
 import {
   AF_UNIX,
+  checkReply,
   cmsgSpaceForFds,
   EAGAIN,
   EINTR,
@@ -44,16 +45,15 @@ import {
   IOVEC_SIZE,
   MFD_CLOEXEC,
   MSG_CMSG_CLOEXEC,
-  MSG_CTRUNC,
   MSG_DONTWAIT,
   MSG_NOSIGNAL,
-  MSG_TRUNC,
   MSGHDR_SIZE,
   O_CLOEXEC,
   O_WRITE_NEW,
   packMsghdr,
   parseScmRights,
   readMsghdr,
+  REPLY_BUFFER_SIZE,
   resetMsghdr,
   SHUT_RDWR,
   SOCK_CLOEXEC,
@@ -102,8 +102,6 @@ function loadLibc(): Libc {
   return libc;
 }
 
-/** Replies larger than this are a protocol error; GetLayerInfo on 400 layers is about 60 KB. */
-const REPLY_BUFFER_SIZE = 1 << 20;
 /** Room for more fds than any reply carries, so that extra ones are seen (and closed), not lost. */
 const MAX_FDS = 16;
 /** Read size for small payload pipes; blob pipes read up to their (grown) pipe size. */
@@ -257,15 +255,7 @@ class DenoTransport implements Transport {
   #packet(n: number): ReceivedPacket {
     const header = readMsghdr(new DataView(this.#msghdr.buffer));
     const fds = parseScmRights(this.#control, header.controlLength);
-    if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
-    if (header.flags & (MSG_TRUNC | MSG_CTRUNC)) {
-      for (const fd of fds) this.closeFd(fd);
-      throw new ProtocolError(
-        header.flags & MSG_TRUNC
-          ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
-          : "Reply carried more file descriptors than expected",
-      );
-    }
+    checkReply(n, fds, header.flags, (fd) => this.closeFd(fd));
     return { data: this.#data.slice(0, n), fds };
   }
 
@@ -564,13 +554,7 @@ function spawnSync(request: SpawnRequest): Transport {
         stderr: request.debug ? "inherit" : "piped",
       }).spawn();
     } catch (err) {
-      const hint = argv[0] === "setpriv" ? " (setpriv is in util-linux)" : "";
-      throw new SpawnError(
-        `Cannot start "${argv[0]}"${hint}: ${(err as Error).message}. Install skopeo (Debian/Ubuntu: ` +
-          `"apt-get install skopeo", Fedora: "dnf install skopeo") or set "skopeoCmd"`,
-        argv,
-        { cause: err },
-      );
+      throw cannotStart(argv, err);
     } finally {
       for (const fd of inherited) setCloexec(lib, fd, true);
     }

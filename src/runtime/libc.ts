@@ -7,6 +7,7 @@
  */
 
 import { concat } from "../bytes.ts";
+import { ProtocolError } from "../errors.ts";
 
 /** `AF_UNIX`. */
 export const AF_UNIX = 1;
@@ -22,6 +23,25 @@ export const SCM_RIGHTS = 1;
 export const MSG_CTRUNC = 0x8;
 /** `MSG_TRUNC`: the packet was larger than the buffer. */
 export const MSG_TRUNC = 0x20;
+
+/** Replies larger than this are a protocol error; GetLayerInfo on 400 layers is about 60 KB. */
+export const REPLY_BUFFER_SIZE = 1 << 20;
+
+/**
+ * Checks what one `recvmsg` on the proxy socket returned: `n` bytes, the fds, the header's flags.
+ * Throws at end of file, and for a reply or fd list cut short (closing the fds that did come).
+ */
+export function checkReply(n: number, fds: number[], flags: number, closeFd: (fd: number) => void): void {
+  if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
+  if (flags & (MSG_TRUNC | MSG_CTRUNC)) {
+    for (const fd of fds) closeFd(fd);
+    throw new ProtocolError(
+      flags & MSG_TRUNC
+        ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
+        : "Reply carried more file descriptors than expected",
+    );
+  }
+}
 /** `MSG_DONTWAIT`. */
 export const MSG_DONTWAIT = 0x40;
 /** `MSG_NOSIGNAL`: no SIGPIPE when the peer is gone. */

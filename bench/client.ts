@@ -161,7 +161,7 @@ async function fetchToLayout(proxy: ImageProxy, img: OpenedImage, dir: string): 
         while (off < chunk.length) off += (await file.write(chunk, off, chunk.length - off)).bytesWritten;
         n += chunk.length;
       }
-      await file.sync(); // as skopeo copy and src/layout.ts do before a blob counts as stored
+      await file.sync(); // as skopeo copy and src/image/layout.ts do before a blob counts as stored
       return n;
     } finally {
       await file.close();

@@ -13,8 +13,8 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { ImageProxy } from "../mod.ts";
-import { applyLayer, extractImage, LayerError, UnsafeEntryError } from "../src/extract.ts";
-import { readTar } from "../src/tar.ts";
+import { applyLayer, extractImage, LayerError, UnsafeEntryError } from "../src/image/extract.ts";
+import { readTar } from "../src/image/tar.ts";
 import { buildFixtures, noise, tar, type TarEntry } from "./helpers/fixtures.ts";
 import { SERVERS } from "./helpers/env.ts";
 import {

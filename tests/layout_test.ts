@@ -4,7 +4,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ImageProxy, ImageReference } from "../mod.ts";
-import { layoutTag, REF_NAME_ANNOTATION, writeLayout } from "../src/layout.ts";
+import { layoutTag, REF_NAME_ANNOTATION, writeLayout } from "../src/image/layout.ts";
 import { buildFixtures } from "./helpers/fixtures.ts";
 import { SERVERS } from "./helpers/env.ts";
 import { digestOf, runCli, tempDir } from "./helpers/cli-helpers.ts";

@@ -7,8 +7,8 @@
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
 import type { ConvertedLayerInfo } from "../oci.ts";
 import { ImageProxyError } from "../errors.ts";
-import { extractImage, type LayerProgress } from "../extract.ts";
-import { writeLayout } from "../layout.ts";
+import { extractImage, type LayerProgress } from "../image/extract.ts";
+import { writeLayout } from "../image/layout.ts";
 import type { ParsedArgs } from "./args.ts";
 import type { CliIo } from "./io.ts";
 import type { ProgressLine } from "./progress.ts";

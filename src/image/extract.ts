@@ -29,10 +29,10 @@ import {
   symlink,
   utimes,
 } from "node:fs/promises";
-import { ImageProxyError } from "./errors.ts";
+import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
 export type { Compression } from "./decompress.ts";
-import type { ImageProxy, OpenedImage } from "./proxy.ts";
+import type { ImageProxy, OpenedImage } from "../proxy.ts";
 import { readTar, type TarHeader } from "./tar.ts";
 
 /** A layer entry that would escape or misuse the target directory; nothing of it was written. */

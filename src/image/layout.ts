@@ -16,10 +16,10 @@ import { createHash, randomUUID } from "node:crypto";
 import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
 import { type Compression, detectCompression } from "./decompress.ts";
 export type { Compression } from "./decompress.ts";
-import { ImageProxyError } from "./errors.ts";
-import { checkManifest, type Descriptor, type ImageIndex, type ImageManifest } from "./oci.ts";
-import type { BlobReader, ImageProxy, OpenedImage } from "./proxy.ts";
-import type { ImageReference } from "./reference.ts";
+import { ImageProxyError } from "../errors.ts";
+import { checkManifest, type Descriptor, type ImageIndex, type ImageManifest } from "../oci.ts";
+import type { BlobReader, ImageProxy, OpenedImage } from "../proxy.ts";
+import type { ImageReference } from "../reference.ts";
 import type { LayerProgress } from "./extract.ts";
 
 /** The annotation that names an image in a layout's `index.json`. */

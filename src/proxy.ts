@@ -59,6 +59,7 @@ import {
   type ImageReferenceLike,
   toImageReference,
 } from "./reference.ts";
+import { POLICY_VERSION, skopeoForVersion } from "./versions.ts";
 import { defaultTransportFactory } from "./runtime/detect.ts";
 import type { ChildExit, FileSink, Hasher, ReceivedPacket, Transport } from "./transport.ts";
 
@@ -71,8 +72,6 @@ const MAX_PAYLOAD = 64 * 1024 * 1024;
 const EXIT_WAIT_MS = 3000;
 /** Blob pipes are grown to this size: fewer, larger reads. */
 const BLOB_PIPE_SIZE = 1 << 20;
-/** Signature policy is enforced at OpenImage from this protocol version on. */
-const POLICY_VERSION = "0.2.6";
 /** A pipe with less free room than a page is full: its writer is blocked in write(). */
 const PAGE_SIZE = 4096;
 /** How long a cancelled GetBlob stream waits for data that shows its copy is alive (see cancel). */
@@ -259,7 +258,9 @@ export class ImageProxy implements AsyncDisposable {
       await proxy.shutdown().catch(() => {});
       throw new ConfigurationError(
         `Option "policy" cannot be honoured: this proxy speaks protocol ${version}, which does not enforce ` +
-          `signature policy (protocol ${POLICY_VERSION}, skopeo 1.13 or newer, does); install a newer skopeo`,
+          `signature policy (protocol ${POLICY_VERSION}, ${
+            skopeoForVersion(POLICY_VERSION)
+          }, does); install a newer skopeo`,
       );
     }
     return proxy;

@@ -19,12 +19,14 @@ export function concat(chunks: Uint8Array[]): Uint8Array {
 }
 
 /**
- * Reads `stream` to its end into one array.
+ * Reads `stream` to its end into one array that owns exactly its bytes. An adapter may hand out
+ * chunks that are views of a large read buffer: a small payload kept as such a view would keep the
+ * whole buffer alive for as long as the caller holds it, so a lone view is copied.
  *
  * @param stream The stream to read; cancelled when the limit is passed.
  * @param limit The most bytes accepted.
  * @param what Who sent the bytes, for the error (`"GetManifest"`).
- * @returns The bytes.
+ * @returns The bytes, in an `ArrayBuffer` of their own size.
  * @throws {ProtocolError} when the stream holds more than `limit` bytes.
  */
 export async function readToLimit(
@@ -39,5 +41,6 @@ export async function readToLimit(
     if (length > limit) throw new ProtocolError(`${what} sent more than ${limit} bytes`);
     chunks.push(chunk);
   }
-  return concat(chunks);
+  const bytes = concat(chunks);
+  return bytes.byteLength === bytes.buffer.byteLength ? bytes : bytes.slice();
 }

@@ -85,7 +85,7 @@ export class OpenedImage {
  * A running `skopeo experimental-image-proxy`.
  *
  * @example Fetching an image's manifest, configuration and first layer
- * ```ts ignore
+ * ```ts
  * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
  *
  * await using proxy = await ImageProxy.spawn();
@@ -331,7 +331,7 @@ export class ImageProxy implements AsyncDisposable {
    * name and rename it on success, as `writeLayout` does).
    *
    * @example Saving a layer
-   * ```ts ignore
+   * ```ts
    * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
    * await using proxy = await ImageProxy.spawn();
    * const img = await proxy.openImage("docker://quay.io/libpod/alpine:latest");

@@ -305,7 +305,7 @@ async function ensureLayoutFile(dir: string): Promise<void> {
  * stored manifest, so that the layout states what its blobs are.
  *
  * @example Saving an image as a layout
- * ```ts ignore
+ * ```ts
  * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
  * import { writeLayout } from "jsr:@cip/containers-image-proxy/layout";
  *

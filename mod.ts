@@ -4,7 +4,7 @@
  * configurations and layers streamed as Web `ReadableStream`s.
  *
  * @example Streaming a layer from an OCI layout
- * ```ts ignore
+ * ```ts
  * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
  *
  * await using proxy = await ImageProxy.spawn();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: deno test and bun test on tests/ (both skopeo servers, a real registry), the
-# CLI tests again against the `bun build --compile` single binary, and short runs of the benchmark and
-# soak so they cannot rot. Installs what it needs first (.ci/setup is idempotent).
+# CLI tests again against the `bun build --compile` single binary, a type check of the doc examples,
+# and short runs of the benchmark and soak so they cannot rot. Installs what it needs first (.ci/setup
+# is idempotent).
 # Ends with one line: "N passed, N failed", summing every runner.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,10 @@ if timeout 300 bun build --compile src/cli/main.ts --outfile dist/image-proxy-bu
 else
   echo "bun build --compile failed"
 fi
+
+echo "== deno check --doc (the examples in the module docs and in README.md type-check)"
+(timeout 300 deno check --doc mod.ts src/ && timeout 120 deno check --doc-only README.md)
+extra+=("deno check --doc=$?")
 
 echo "== bench/run.ts --quick (our client under Deno and under Bun)"
 timeout 600 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/run.ts --quick

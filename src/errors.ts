@@ -5,6 +5,8 @@
  * @module
  */
 
+import { skopeoForVersion } from "./versions.ts";
+
 /**
  * Base class of every error this library throws on purpose.
  *
@@ -57,24 +59,17 @@ export class ProxyTooOldError extends ImageProxyError {
   readonly required: string;
   /** Creates the error for a proxy announcing `found` when at least `required` is needed. */
   constructor(found: string, required: string) {
+    const skopeo = skopeoForVersion(required);
     super(
-      `Proxy protocol version "${found}" is too old: at least "${required}" is needed (skopeo 1.9 or newer)`,
+      `Proxy protocol version "${found}" is too old: at least "${required}" is needed${
+        skopeo ? ` (${skopeo})` : ""
+      }`,
     );
     this.name = "ProxyTooOldError";
     this.found = found;
     this.required = required;
   }
 }
-
-/** The first skopeo release whose proxy speaks at least each protocol version. */
-const FIRST_SKOPEO: Record<string, string> = {
-  "0.2.3": "1.9",
-  "0.2.4": "1.11",
-  "0.2.5": "1.11",
-  "0.2.6": "1.13",
-  "0.2.7": "1.19",
-  "0.2.8": "1.19",
-};
 
 /** The method exists in the protocol, but not in the version this proxy speaks. */
 export class UnsupportedMethodError extends ImageProxyError {
@@ -84,12 +79,22 @@ export class UnsupportedMethodError extends ImageProxyError {
   readonly requiredVersion: string;
   /** The version the running proxy speaks. */
   readonly protocolVersion: string;
-  /** Creates the error for `method`, which needs `requiredVersion` while the proxy speaks `protocolVersion`. */
-  constructor(method: string, requiredVersion: string, protocolVersion: string) {
-    const skopeo = FIRST_SKOPEO[requiredVersion];
+  /**
+   * Creates the error for `method`, which needs `requiredVersion` while the proxy speaks `protocolVersion`.
+   *
+   * @param method The protocol method (`GetRawBlob`).
+   * @param requiredVersion The first protocol version that has it.
+   * @param protocolVersion The version the running proxy speaks.
+   * @param feature What asked for the method, when it was not a direct call (`--raw-blobs`): the
+   * message then leads with it.
+   */
+  constructor(method: string, requiredVersion: string, protocolVersion: string, feature?: string) {
+    const skopeo = skopeoForVersion(requiredVersion);
     super(
-      `Method "${method}" needs proxy protocol version ${requiredVersion} or newer${
-        skopeo ? ` (skopeo ${skopeo} or newer)` : ""
+      `${
+        feature ? `${feature} needs ${method}, which` : `Method "${method}"`
+      } needs proxy protocol version ${requiredVersion} or newer${
+        skopeo ? ` (${skopeo})` : ""
       }, but this proxy speaks ${protocolVersion}`,
     );
     this.name = "UnsupportedMethodError";

@@ -6,12 +6,10 @@
  */
 
 import { ProtocolError, type ProxyErrorCode } from "./errors.ts";
+export { BASE_PROTOCOL_VERSION } from "./versions.ts";
 
 /** The server cuts requests longer than this; replies may be longer. */
 export const MAX_REQUEST_SIZE = 32 * 1024;
-
-/** The oldest protocol version this library speaks (skopeo 1.9). */
-export const BASE_PROTOCOL_VERSION = "0.2.3";
 
 /** The first protocol version that has each method. */
 export const METHOD_VERSIONS = {

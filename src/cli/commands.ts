@@ -6,7 +6,8 @@
 
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
 import type { ConvertedLayerInfo } from "../oci.ts";
-import { ImageProxyError } from "../errors.ts";
+import { UnsupportedMethodError } from "../errors.ts";
+import { METHOD_VERSIONS } from "../protocol.ts";
 import { extractImage, type LayerProgress } from "../image/extract.ts";
 import { writeLayout } from "../image/layout.ts";
 import type { ParsedArgs } from "./args.ts";
@@ -87,9 +88,11 @@ async function blobRaw(ctx: CommandContext): Promise<void> {
 
 function requireRawBlobs(proxy: ImageProxy): void {
   if (!proxy.supports("GetRawBlob")) {
-    throw new ImageProxyError(
-      `--raw-blobs needs GetRawBlob, which needs proxy protocol 0.2.8 or newer (skopeo 1.19 or newer), ` +
-        `but this skopeo speaks ${proxy.protocolVersion}`,
+    throw new UnsupportedMethodError(
+      "GetRawBlob",
+      METHOD_VERSIONS.GetRawBlob,
+      proxy.protocolVersion,
+      "--raw-blobs",
     );
   }
 }

@@ -33,7 +33,7 @@ import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
 export type { Compression } from "./decompress.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
-import { readTar, type TarHeader } from "./tar.ts";
+import { readTar, TarFormatError, type TarHeader } from "./tar.ts";
 
 /** A layer entry that would escape or misuse the target directory; nothing of it was written. */
 export class UnsafeEntryError extends ImageProxyError {
@@ -349,8 +349,8 @@ export async function applyLayer(
   } catch (err) {
     await tarStream.cancel(err).catch(() => {});
     if (err instanceof ImageProxyError || signal?.aborted) throw err;
-    if ((err as Error)?.name === "TarFormatError") {
-      throw new LayerError(`Layer is not a valid tar archive: ${(err as Error).message}`, undefined, {
+    if (err instanceof TarFormatError) {
+      throw new LayerError(`Layer is not a valid tar archive: ${err.message}`, undefined, {
         cause: err,
       });
     }

@@ -16,9 +16,10 @@ import { createHash, randomUUID } from "node:crypto";
 import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
 import { type Compression, detectCompression } from "./decompress.ts";
 export type { Compression } from "./decompress.ts";
-import { ImageProxyError } from "../errors.ts";
+import { ImageProxyError, UnsupportedMethodError } from "../errors.ts";
 import { checkManifest, type Descriptor, type ImageIndex, type ImageManifest } from "../oci.ts";
 import type { BlobReader, ImageProxy, OpenedImage } from "../proxy.ts";
+import { METHOD_VERSIONS } from "../protocol.ts";
 import type { ImageReference } from "../reference.ts";
 import type { LayerProgress } from "./extract.ts";
 
@@ -29,7 +30,7 @@ export const REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name";
 export interface WriteLayoutOptions {
   /** The name under which `index.json` lists the image; default {@linkcode layoutTag} of the reference. */
   tag?: string;
-  /** Fetch blobs with `GetRawBlob` (protocol 0.2.8), verified by this client instead of by skopeo. */
+  /** Fetch blobs with `GetRawBlob` (where the proxy has it), verified by this client instead of by skopeo. */
   rawBlobs?: boolean;
   /** Stops the fetch; partial blobs are removed. */
   signal?: AbortSignal;
@@ -304,7 +305,7 @@ async function ensureLayoutFile(dir: string): Promise<void> {
  * stored manifest, so that the layout states what its blobs are.
  *
  * @example Saving an image as a layout
- * ```ts ignore
+ * ```ts
  * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
  * import { writeLayout } from "jsr:@cip/containers-image-proxy/layout";
  *
@@ -314,7 +315,7 @@ async function ensureLayoutFile(dir: string): Promise<void> {
  * console.log(`oci:${result.path}:${result.tag}`, result.digest);
  * ```
  *
- * @throws {UnsupportedMethodError} with `rawBlobs` on a proxy older than protocol 0.2.8.
+ * @throws {UnsupportedMethodError} with `rawBlobs` on a proxy that lacks `GetRawBlob`.
  */
 export async function writeLayout(
   proxy: ImageProxy,
@@ -324,9 +325,11 @@ export async function writeLayout(
 ): Promise<LayoutResult> {
   const { signal, onProgress } = options;
   if (options.rawBlobs && !proxy.supports("GetRawBlob")) {
-    throw new ImageProxyError(
-      `Raw blobs need GetRawBlob, which needs proxy protocol 0.2.8 or newer (skopeo 1.19 or newer), ` +
-        `but this proxy speaks ${proxy.protocolVersion}`,
+    throw new UnsupportedMethodError(
+      "GetRawBlob",
+      METHOD_VERSIONS.GetRawBlob,
+      proxy.protocolVersion,
+      'Option "rawBlobs"',
     );
   }
   const tag = options.tag ?? layoutTag(image.reference);

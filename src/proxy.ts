@@ -33,6 +33,7 @@ import { concat } from "./bytes.ts";
 import { createHasher } from "./hash.ts";
 import {
   checkConfiguration,
+  checkContentDigest,
   checkLayerInfo,
   checkManifest,
   type ConvertedLayerInfo,
@@ -344,7 +345,10 @@ export class ImageProxy implements AsyncDisposable {
     const { reply, fds } = await this.#call("GetManifest", [image.id], "pipe");
     let digest: string;
     try {
-      digest = expectString("GetManifest", reply.value);
+      digest = checkContentDigest(
+        expectString("GetManifest", reply.value),
+        "The digest GetManifest returned",
+      );
     } catch (err) {
       await this.#discardPipe(fds[0], reply.pipeid, "memory");
       throw err;

@@ -30,6 +30,7 @@ export {
   describeExit,
   ImageProxyError,
   InvalidReferenceError,
+  LayoutError,
   ProtocolError,
   ProxyClosedError,
   ProxyExitedError,
@@ -40,7 +41,7 @@ export {
   UnsupportedMethodError,
 } from "./src/errors.ts";
 export type { ExitStatus, ProxyErrorCode } from "./src/errors.ts";
-export { digestProblem, ImageReference, toImageReference } from "./src/reference.ts";
+export { contentDigestProblem, digestProblem, ImageReference, toImageReference } from "./src/reference.ts";
 export type { ImageReferenceLike, TransportName } from "./src/reference.ts";
 export { BASE_PROTOCOL_VERSION, MAX_REQUEST_SIZE, METHOD_VERSIONS } from "./src/protocol.ts";
 export type { Method } from "./src/protocol.ts";

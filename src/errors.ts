@@ -232,6 +232,22 @@ export class ProxyClosedError extends ImageProxyError {
   }
 }
 
+/**
+ * An OCI layout folder cannot be written safely: something in it that this library did not create is
+ * a symbolic link, or not the kind of file the layout needs there, or is not valid layout metadata.
+ * The message names the path, never what the file or the link's target holds.
+ */
+export class LayoutError extends ImageProxyError {
+  /** The path inside the layout that was refused. */
+  readonly path: string;
+  /** Creates the error for `path`, explaining `reason`. */
+  constructor(path: string, reason: string) {
+    super(`Cannot write the OCI layout: "${path}" ${reason}`);
+    this.name = "LayoutError";
+    this.path = path;
+  }
+}
+
 /** An image reference that containers/image would not accept, caught before it reaches skopeo. */
 export class InvalidReferenceError extends ImageProxyError {
   /** The reference as given. */

@@ -5,6 +5,7 @@
  */
 
 import { ProtocolError } from "./errors.ts";
+import { contentDigestProblem } from "./reference.ts";
 
 /** An OCI content descriptor. */
 export interface Descriptor {
@@ -138,13 +139,32 @@ export interface ConvertedLayerInfo {
   media_type: string;
 }
 
+/**
+ * Checks a digest the proxy sent before anything uses it: as a blob's file name, in a request, in a
+ * message. Only `sha256` and `sha512` digests in lowercase hex of the right length pass (see
+ * {@linkcode contentDigestProblem}).
+ *
+ * @param value the digest as received.
+ * @param what what the digest is, for the message ("The digest GetManifest returned").
+ * @returns `value`, known to be a valid digest.
+ * @throws {ProtocolError} when it is not one.
+ */
+export function checkContentDigest(value: unknown, what: string): string {
+  const problem = contentDigestProblem(value);
+  if (problem) throw new ProtocolError(`${what} is invalid: ${problem}`);
+  return value as string;
+}
+
 function isDescriptor(value: unknown): value is Descriptor {
   const d = value as Descriptor;
   return typeof d === "object" && d !== null && typeof d.digest === "string" &&
     typeof d.mediaType === "string" && Number.isSafeInteger(d.size) && d.size >= 0;
 }
 
-/** Checks that `value` looks like an image manifest (config and layer descriptors present). */
+/**
+ * Checks that `value` looks like an image manifest: config and layer descriptors present, each with a
+ * digest that is safe to fetch and to store under its name.
+ */
 export function checkManifest(value: unknown): ImageManifest {
   const m = value as ImageManifest;
   if (typeof m !== "object" || m === null || m.schemaVersion !== 2) {
@@ -153,6 +173,10 @@ export function checkManifest(value: unknown): ImageManifest {
   if (!isDescriptor(m.config)) throw new ProtocolError("Manifest has no valid config descriptor");
   if (!Array.isArray(m.layers) || !m.layers.every(isDescriptor)) {
     throw new ProtocolError("Manifest has an invalid layers array");
+  }
+  checkContentDigest(m.config.digest, "The manifest's config digest");
+  for (const [i, layer] of m.layers.entries()) {
+    checkContentDigest(layer.digest, `The manifest's layer ${i} digest`);
   }
   return m;
 }
@@ -177,6 +201,7 @@ export function checkLayerInfo(value: unknown): ConvertedLayerInfo[] {
     ) {
       throw new ProtocolError(`Layer info entry ${i} is malformed: ${JSON.stringify(layer)}`);
     }
+    checkContentDigest(l.digest, `Layer info entry ${i}'s digest`);
   }
   return value as ConvertedLayerInfo[];
 }

@@ -24,6 +24,7 @@ import {
 } from "./errors.ts";
 import {
   checkConfiguration,
+  checkContentDigest,
   checkLayerInfo,
   checkManifest,
   type ConvertedLayerInfo,
@@ -239,7 +240,10 @@ export class ImageProxy implements AsyncDisposable {
     const { reply, fds } = await this.#connection.call("GetManifest", [image.id], "pipe");
     let digest: string;
     try {
-      digest = expectString("GetManifest", reply.value);
+      digest = checkContentDigest(
+        expectString("GetManifest", reply.value),
+        "The digest GetManifest returned",
+      );
     } catch (err) {
       await this.#connection.discardPayload(fds[0], reply.pipeid);
       throw err;

@@ -38,15 +38,44 @@ const DOMAIN = `(?:${DOMAIN_COMPONENT}(?:\\.${DOMAIN_COMPONENT})*|\\[[0-9a-fA-F:
 const NAME_RE = new RegExp(`^(?:${DOMAIN}/)?${PATH_COMPONENT}(?:/${PATH_COMPONENT})*$`);
 const TAG_RE = /^[\w][\w.-]{0,127}$/;
 const DIGEST_RE = /^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$/;
-const KNOWN_DIGESTS: Record<string, RegExp> = {
-  sha256: /^[a-f0-9]{64}$/,
-  sha512: /^[a-f0-9]{128}$/,
-};
+// A Map, not an object literal: an algorithm named "constructor" must not find Object's members.
+const KNOWN_DIGESTS: ReadonlyMap<string, RegExp> = new Map([
+  ["sha256", /^[a-f0-9]{64}$/],
+  ["sha512", /^[a-f0-9]{128}$/],
+]);
+
+/**
+ * Checks a digest that names content this library verifies or stores under its name: a descriptor from
+ * the proxy, a blob file in a layout. Stricter than {@linkcode digestProblem}: the algorithm must be
+ * one this library can verify (`sha256`, `sha512`) and the encoding lowercase hex of exactly that
+ * algorithm's length, so the digest is always safe as a file name (`blobs/sha256/<hex>`).
+ *
+ * @param digest the value to check (anything: it often comes from the peer).
+ * @returns the reason it is not such a digest (any hostile text in it escaped by JSON quoting), or
+ * `undefined`.
+ *
+ * @example Refusing a digest that would leave a layout folder
+ * ```ts
+ * import { contentDigestProblem } from "./reference.ts";
+ * console.log(contentDigestProblem(`sha256:${"a".repeat(64)}`)); // undefined
+ * console.log(contentDigestProblem(`../../outside:${"a".repeat(64)}`)); // the reason
+ * ```
+ */
+export function contentDigestProblem(digest: unknown): string | undefined {
+  if (typeof digest !== "string") return "a digest is a string";
+  const colon = digest.indexOf(":");
+  const shape = colon > 0 ? KNOWN_DIGESTS.get(digest.slice(0, colon)) : undefined;
+  if (shape?.test(digest.slice(colon + 1))) return undefined;
+  const shown = JSON.stringify(digest.length > 200 ? `${digest.slice(0, 200)}...` : digest);
+  return shape
+    ? `${shown} is not a valid ${digest.slice(0, colon)} digest (lowercase hex of the algorithm's length)`
+    : `${shown} is not a sha256 or sha512 digest`;
+}
 
 /** Checks a digest string (`sha256:<64 hex>`); returns the reason it is not one, or `undefined`. */
 export function digestProblem(digest: string): string | undefined {
   const colon = digest.indexOf(":");
-  const shape = KNOWN_DIGESTS[digest.slice(0, colon)];
+  const shape = KNOWN_DIGESTS.get(digest.slice(0, colon));
   if (shape) {
     return shape.test(digest.slice(colon + 1))
       ? undefined

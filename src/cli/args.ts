@@ -5,7 +5,7 @@
  * @module
  */
 
-import type { ImageProxyConfig } from "../config.ts";
+import { DEFAULT_BLOB_IDLE_TIMEOUT_MS, type ImageProxyConfig } from "../config.ts";
 import { digestProblem, ImageReference } from "../reference.ts";
 import { InvalidReferenceError } from "../errors.ts";
 
@@ -116,6 +116,34 @@ export interface ParsedArgs {
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
 
+/**
+ * The command line's `requestTimeoutMs` when `--request-timeout` is not given, in seconds. The library
+ * waits for ever by default, since it cannot know what its caller does; a person at a terminal is
+ * better served by an error than by a command that hangs on a registry that accepts connections and
+ * never answers. Five minutes is far above any sound request: skopeo's own network steps give up after
+ * 30 s (connect) and 10 s (TLS handshake), and a blob's bytes are not timed by it, only the server's
+ * verdict once they are all read (`--blob-idle-timeout` covers a blob that stalls). The exception: a
+ * blob whose size skopeo does not know is waited for as a whole, so one that takes longer needs a
+ * larger value or 0.
+ */
+export const CLI_REQUEST_TIMEOUT_SECONDS = 300;
+
+/** The longest timeout a timer can hold (2^31 - 1 ms, about 24.8 days); a longer one fires at once. */
+const MAX_TIMEOUT_SECONDS = Math.floor((2 ** 31 - 1) / 1000);
+
+/** An option taking a number of seconds (fractions allowed, 0 for off), stored in milliseconds. */
+function secondsOption(option: string, field: "requestTimeoutMs" | "blobIdleTimeoutMs"): ValueOption {
+  return (config, value) => {
+    const seconds = /^[0-9]+(\.[0-9]+)?$/.test(value) ? Number(value) : NaN;
+    if (!(seconds <= MAX_TIMEOUT_SECONDS)) {
+      throw new UsageError(
+        `option ${option} takes a number of seconds from 0 (off) to ${MAX_TIMEOUT_SECONDS}, not "${value}"`,
+      );
+    }
+    config[field] = Math.round(seconds * 1000);
+  };
+}
+
 const VALUE_OPTIONS: Record<string, ValueOption> = {
   "--authfile": (c, v) => c.authfile = v,
   "--cert-dir": (c, v) => c.certificateDirectory = v,
@@ -125,6 +153,8 @@ const VALUE_OPTIONS: Record<string, ValueOption> = {
   "--override-arch": (c, v) => c.overrideArch = v,
   "--override-os": (c, v) => c.overrideOs = v,
   "--override-variant": (c, v) => c.overrideVariant = v,
+  "--request-timeout": secondsOption("--request-timeout", "requestTimeoutMs"),
+  "--blob-idle-timeout": secondsOption("--blob-idle-timeout", "blobIdleTimeoutMs"),
   "--skopeo": (c, v) => {
     const words = v.trim().split(/\s+/).filter((w) => w !== "");
     if (words.length === 0) throw new UsageError("option --skopeo needs a command");
@@ -277,6 +307,10 @@ const GLOBAL_HELP = `Options (before or after the command):
   --override-arch ARCH      pick ARCH from multi-arch images
   --override-os OS          pick OS from multi-arch images
   --override-variant VAR    pick VARIANT from multi-arch images
+  --request-timeout SECS    fail when skopeo does not answer a request within SECS seconds
+                            (default ${CLI_REQUEST_TIMEOUT_SECONDS}; 0 waits for ever)
+  --blob-idle-timeout SECS  fail a blob that receives no data for SECS seconds
+                            (default ${DEFAULT_BLOB_IDLE_TIMEOUT_MS / 1000}; 0 waits for ever)
   --skopeo CMD              command that starts skopeo, split on whitespace
                             (default: "setpriv --pdeathsig SIGTERM -- skopeo")
   --debug                   pass --debug to skopeo and show its messages

@@ -30,9 +30,17 @@ export interface CommandContext {
   signal: AbortSignal;
 }
 
-/** Prints `value` as JSON, two-space indented, with a final newline. */
+/**
+ * Prints `value` as JSON, two-space indented, with a final newline. JSON escapes C0 controls but leaves
+ * DEL and C1 raw, and a terminal may act on C1 (U+009B is a CSI): those are escaped too (`\u009b`),
+ * which is still the same JSON value.
+ */
 export function printJson(io: CliIo, value: unknown): Promise<void> {
-  return io.writeStdout(`${JSON.stringify(value, null, 2)}\n`);
+  const json = JSON.stringify(value, null, 2).replace(
+    /[\x7f-\x9f]/g,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+  return io.writeStdout(`${json}\n`);
 }
 
 function layerProgress(ctx: CommandContext, action: string) {

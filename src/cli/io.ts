@@ -26,6 +26,42 @@ export interface CliIo {
   onInterrupt(handler: (signal: string) => void): () => void;
 }
 
+const NAMED_ESCAPES: Record<string, string> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+/**
+ * Makes text safe to show on a terminal: every control character (C0, DEL and C1, which includes the
+ * ESC that starts every terminal sequence) becomes a visible escape such as `\x1b` or `\n`. Layer
+ * names, file names and server messages reach error lines, and one carrying `ESC ] 0 ;` or `ESC [ 2 J`
+ * would otherwise retitle or clear the user's terminal.
+ *
+ * @param text the text to show.
+ * @returns `text` with each control character replaced by its escape.
+ *
+ * @example Escaping a hostile entry name
+ * ```ts
+ * import { escapeControls } from "./io.ts";
+ * console.log(escapeControls("etc/\x1b]0;owned\x07passwd")); // etc/\x1b]0;owned\x07passwd, shown as typed
+ * ```
+ */
+export function escapeControls(text: string): string {
+  return text.replace(
+    // deno-lint-ignore no-control-regex -- matching control characters is the point
+    /[\x00-\x1f\x7f-\x9f]/g,
+    (c) => NAMED_ESCAPES[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
+  );
+}
+
+/**
+ * Writes lines of text to standard error, each with its control characters escaped: the one way the
+ * command line writes a message there (the progress line escapes its text with the same function).
+ *
+ * @param io where to write.
+ * @param lines the lines, without their newline.
+ */
+export function writeStderrLines(io: Pick<CliIo, "writeStderr">, ...lines: string[]): void {
+  io.writeStderr(lines.map((line) => `${escapeControls(line)}\n`).join(""));
+}
+
 /** The {@linkcode CliIo} of this process, through `node:process`. */
 export function processIo(): CliIo {
   // A closed pipe on stdout also arrives as an "error" event; the write callback reports it.

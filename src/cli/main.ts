@@ -18,9 +18,17 @@
 
 import { ImageProxy } from "../proxy.ts";
 import type { ImageProxyConfig } from "../config.ts";
-import { commandHelp, mainHelp, parseArgs, type ParsedArgs, UsageError, usageHint } from "./args.ts";
+import {
+  CLI_REQUEST_TIMEOUT_SECONDS,
+  commandHelp,
+  mainHelp,
+  parseArgs,
+  type ParsedArgs,
+  UsageError,
+  usageHint,
+} from "./args.ts";
 import { HANDLERS } from "./commands.ts";
-import { type CliIo, exitProcess, processIo } from "./io.ts";
+import { type CliIo, exitProcess, processIo, writeStderrLines } from "./io.ts";
 import { ProgressLine } from "./progress.ts";
 
 export type { CliIo } from "./io.ts";
@@ -57,10 +65,10 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
     args = parseArgs(io.args);
   } catch (err) {
     if (err instanceof UsageError) {
-      io.writeStderr(`error: ${oneLine(err.message)}\n${usageHint(err.command)}\n`);
+      writeStderrLines(io, `error: ${oneLine(err.message)}`, usageHint(err.command));
       return 2;
     }
-    io.writeStderr(`error: ${oneLine(describe(err))}\n`);
+    writeStderrLines(io, `error: ${oneLine(describe(err))}`);
     return 1;
   }
   if (args.help) {
@@ -80,15 +88,18 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
   let proxy: ImageProxy | undefined;
   let status = 0;
   try {
-    proxy = await (options.spawn ?? ((config) => ImageProxy.spawn(config)))(args.config);
+    const spawnConfig = { requestTimeoutMs: CLI_REQUEST_TIMEOUT_SECONDS * 1000, ...args.config };
+    proxy = await (options.spawn ?? ((config) => ImageProxy.spawn(config)))(spawnConfig);
     controller.signal.throwIfAborted();
     const image = await proxy.openImage(args.operands[0]);
     await HANDLERS[args.command!]({ proxy, image, args, io, progress, signal: controller.signal });
   } catch (err) {
     progress.clear();
-    if (args.config.debug && err instanceof Error && err.stack) io.writeStderr(`${err.stack}\n`);
+    if (args.config.debug && err instanceof Error && err.stack) {
+      writeStderrLines(io, ...err.stack.split("\n"));
+    }
     const message = interrupted ? `Interrupted by ${interrupted}` : describe(err);
-    io.writeStderr(`error: ${oneLine(message)}\n`);
+    writeStderrLines(io, `error: ${oneLine(message)}`);
     status = interrupted ? 130 : 1;
   } finally {
     progress.clear();
@@ -99,7 +110,7 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
       await proxy.shutdown();
     } catch (err) {
       if (status === 0) {
-        io.writeStderr(`error: ${oneLine(describe(err))}\n`);
+        writeStderrLines(io, `error: ${oneLine(describe(err))}`);
         status = 1;
       }
     }

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { escapeControls } from "./io.ts";
+
 /** What the line shows. */
 export interface ProgressState {
   /** What is happening ("fetching", "extracting"). */
@@ -106,7 +108,8 @@ export class ProgressLine {
   #draw(now: number): void {
     if (!this.#pending) return;
     const width = Math.max(10, this.#target.columns() - 1);
-    let text = this.render(this.#pending, now);
+    // Escaped like every other line on stderr: the only control sequences drawn are the line's own.
+    let text = escapeControls(this.render(this.#pending, now));
     if (text.length > width) text = text.slice(0, width);
     this.#lastDraw = now;
     if (text === this.#shown) return;

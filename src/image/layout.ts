@@ -8,16 +8,35 @@
  * leaves a blob that looks complete. Blobs already present with the right digest are not fetched
  * again. The manifest and `index.json` are written last.
  *
+ * Nothing a digest says becomes a path before it is checked (`sha256` or `sha512`, lowercase hex of
+ * the right length), and no symbolic link inside the layout folder is followed: folders are created
+ * one at a time and checked, files that may already be there are opened with `O_NOFOLLOW`, and a link
+ * found where the layout needs a file or folder fails with a {@linkcode LayoutError}.
+ *
  * @module
  * @tags allow-read, allow-write
  */
 
 import { createHash, randomUUID } from "node:crypto";
-import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
+import { open, rename, rm } from "node:fs/promises";
 import { type Compression, detectCompression } from "./decompress.ts";
 export type { Compression } from "./decompress.ts";
-import { ImageProxyError, UnsupportedMethodError } from "../errors.ts";
-import { checkManifest, type Descriptor, type ImageIndex, type ImageManifest } from "../oci.ts";
+import { ImageProxyError, LayoutError, ProtocolError, UnsupportedMethodError } from "../errors.ts";
+import {
+  existingFile,
+  fileHead,
+  makeFolders,
+  openExisting,
+  readLayoutFile,
+  writeAtomically,
+} from "./layout-files.ts";
+import {
+  checkContentDigest,
+  checkManifest,
+  type Descriptor,
+  type ImageIndex,
+  type ImageManifest,
+} from "../oci.ts";
 import type { BlobReader, ImageProxy, OpenedImage } from "../proxy.ts";
 import { METHOD_VERSIONS } from "../protocol.ts";
 import type { ImageReference } from "../reference.ts";
@@ -126,9 +145,16 @@ function sha256(data: Uint8Array): string {
   return `sha256:${createHash("sha256").update(data).digest("hex")}`;
 }
 
-function blobPath(dir: string, digest: string): string {
+/** Where a blob goes, as the folder below `blobs/` and the file name in it; the digest is checked first. */
+function blobName(digest: string): { algorithm: string; encoded: string } {
+  checkContentDigest(digest, "A blob digest");
   const colon = digest.indexOf(":");
-  return `${dir}/blobs/${digest.slice(0, colon)}/${digest.slice(colon + 1)}`;
+  return { algorithm: digest.slice(0, colon), encoded: digest.slice(colon + 1) };
+}
+
+function blobPath(dir: string, digest: string): string {
+  const { algorithm, encoded } = blobName(digest);
+  return `${dir}/blobs/${algorithm}/${encoded}`;
 }
 
 /** Whether `path` holds exactly the blob `digest` of `size` bytes; the first bytes come back too. */
@@ -137,19 +163,14 @@ async function existingBlob(
   digest: string,
   size: number,
 ): Promise<{ head: Uint8Array } | null> {
-  try {
-    const info = await stat(path);
-    if (!info.isFile() || (size >= 0 && info.size !== size)) return null;
-  } catch {
-    return null;
-  }
-  const algorithm = digest.slice(0, digest.indexOf(":"));
-  if (algorithm !== "sha256" && algorithm !== "sha512") return null;
+  const { algorithm } = blobName(digest);
+  const handle = await openExisting(path);
+  if (!handle) return null;
   const hash = createHash(algorithm);
-  const handle = await open(path, "r");
   const buffer = new Uint8Array(1 << 20);
   let head: Uint8Array | undefined;
   try {
+    if (size >= 0 && (await handle.stat()).size !== size) return null;
     for (;;) {
       const { bytesRead } = await handle.read(buffer, 0, buffer.length, null);
       if (bytesRead === 0) break;
@@ -162,40 +183,10 @@ async function existingBlob(
   return `${algorithm}:${hash.digest("hex")}` === digest ? { head: head ?? new Uint8Array(0) } : null;
 }
 
-/** Writes `data` to `path` through a temporary name in the same folder, then renames it. */
-async function writeAtomically(path: string, data: Uint8Array | string): Promise<void> {
-  const temporary = `${path}.partial-${randomUUID()}`;
-  try {
-    const handle = await open(temporary, "wx", 0o644);
-    try {
-      await handle.writeFile(data);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await rename(temporary, path);
-  } catch (err) {
-    await rm(temporary, { force: true });
-    throw err;
-  }
-}
-
 /** How a blob gets into a file: streamed through this process, or saved by the proxy's adapter. */
 type BlobSource =
   | { stream: () => Promise<BlobReader> }
   | { save: (path: string, onBytes: (count: number) => void) => Promise<number> };
-
-/** The first bytes of a file (at most 8: enough to tell a compression). */
-async function fileHead(path: string): Promise<Uint8Array> {
-  const handle = await open(path, "r");
-  try {
-    const head = new Uint8Array(8);
-    const { bytesRead } = await handle.read(head, 0, head.length, 0);
-    return head.slice(0, bytesRead);
-  } finally {
-    await handle.close();
-  }
-}
 
 /**
  * Streams a blob into the layout unless it is already there. Returns its first bytes (to tell its
@@ -208,9 +199,9 @@ async function storeBlob(
   onBytes: (count: number) => void,
 ): Promise<{ head: Uint8Array; fetched: number; skipped: boolean }> {
   const path = blobPath(dir, descriptor.digest);
+  await makeFolders(dir, ["blobs", blobName(descriptor.digest).algorithm]);
   const present = await existingBlob(path, descriptor.digest, descriptor.size);
   if (present) return { head: present.head, fetched: 0, skipped: true };
-  await mkdir(path.slice(0, path.lastIndexOf("/")), { recursive: true });
   const temporary = `${path.slice(0, path.lastIndexOf("/"))}/.${
     path.slice(path.lastIndexOf("/") + 1)
   }.partial-${randomUUID()}`;
@@ -261,37 +252,43 @@ async function storeBlob(
   return { head: head ?? new Uint8Array(0), fetched, skipped: false };
 }
 
+/** The largest `index.json` read back (a layout listing some hundred thousand tags). */
+const MAX_INDEX_BYTES = 64 << 20;
+/** The largest `oci-layout` read back: it is one short JSON object. */
+const MAX_OCI_LAYOUT_BYTES = 64 << 10;
+
+/** Parses JSON; `undefined` when it is not. The parser's message would quote the file, so it is dropped. */
+function parseOrUndefined(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
 async function readIndex(path: string): Promise<ImageIndex> {
-  let text: string;
-  try {
-    text = await readFile(path, "utf8");
-  } catch (err) {
-    if ((err as { code?: string }).code === "ENOENT") {
-      return { schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests: [] };
-    }
-    throw err;
+  const text = await readLayoutFile(path, MAX_INDEX_BYTES);
+  if (text === null) {
+    return { schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests: [] };
   }
-  try {
-    const index = JSON.parse(text) as ImageIndex;
-    if (index?.schemaVersion !== 2 || !Array.isArray(index.manifests)) throw new Error("not an image index");
-    return index;
-  } catch (cause) {
-    throw new ImageProxyError(`Cannot update "${path}": it is not a valid OCI image index`, { cause });
+  const index = parseOrUndefined(text) as ImageIndex | undefined;
+  if (index?.schemaVersion !== 2 || !Array.isArray(index.manifests)) {
+    throw new LayoutError(path, "is not a valid OCI image index");
   }
+  return index;
 }
 
 async function ensureLayoutFile(dir: string): Promise<void> {
   const path = `${dir}/oci-layout`;
-  try {
-    const layout = JSON.parse(await readFile(path, "utf8"));
-    if (typeof layout?.imageLayoutVersion !== "string") throw new Error("no imageLayoutVersion");
+  const text = await readLayoutFile(path, MAX_OCI_LAYOUT_BYTES);
+  if (text === null) {
+    await writeAtomically(path, JSON.stringify({ imageLayoutVersion: "1.0.0" }));
     return;
-  } catch (err) {
-    if ((err as { code?: string }).code !== "ENOENT") {
-      throw new ImageProxyError(`"${dir}" has an invalid oci-layout file: ${(err as Error).message}`);
-    }
   }
-  await writeAtomically(path, JSON.stringify({ imageLayoutVersion: "1.0.0" }));
+  const layout = parseOrUndefined(text) as { imageLayoutVersion?: unknown } | undefined;
+  if (typeof layout?.imageLayoutVersion !== "string") {
+    throw new LayoutError(path, "is not a valid oci-layout file (JSON with an imageLayoutVersion)");
+  }
 }
 
 /**
@@ -316,6 +313,10 @@ async function ensureLayoutFile(dir: string): Promise<void> {
  * ```
  *
  * @throws {UnsupportedMethodError} with `rawBlobs` on a proxy that lacks `GetRawBlob`.
+ * @throws {ProtocolError} when the manifest is not an OCI image manifest, or a digest in it is not a
+ * `sha256` or `sha512` digest (nothing is written then).
+ * @throws {LayoutError} when a symbolic link, or a file of the wrong kind, is found inside `dir` where
+ * the layout needs a folder or a file, or `oci-layout` or `index.json` is not valid.
  */
 export async function writeLayout(
   proxy: ImageProxy,
@@ -334,14 +335,23 @@ export async function writeLayout(
   }
   const tag = options.tag ?? layoutTag(image.reference);
   const { digest: sourceDigest, raw } = await proxy.fetchManifestRaw(image);
-  let parsed: ImageManifest;
+  let value: unknown;
   try {
-    parsed = checkManifest(JSON.parse(new TextDecoder().decode(raw)));
+    value = JSON.parse(new TextDecoder().decode(raw));
   } catch (cause) {
-    throw new ImageProxyError("The proxy returned a manifest that is not an OCI image manifest", { cause });
+    throw new ProtocolError("The proxy returned a manifest that is not JSON", { cause });
   }
-  await mkdir(`${dir}/blobs/sha256`, { recursive: true });
+  // Before anything is written: a descriptor's digest becomes a path below the layout.
+  const parsed: ImageManifest = checkManifest(value);
+  await makeFolders(dir, ["blobs", "sha256"]);
   await ensureLayoutFile(dir);
+  // A link planted under a blob's name is refused here, before any download starts, rather than in
+  // the middle of them (each blob is checked again when it is stored).
+  const descriptors = [parsed.config, ...parsed.layers];
+  for (const algorithm of new Set(descriptors.map((d) => blobName(d.digest).algorithm))) {
+    await makeFolders(dir, ["blobs", algorithm]);
+  }
+  for (const descriptor of descriptors) await existingFile(blobPath(dir, descriptor.digest));
 
   // One failure stops the other blobs at once, so that no stream is left open behind the error.
   const stop = new AbortController();

@@ -19,8 +19,8 @@ import {
   packScmRights,
   parseScmRights,
   readMsghdr,
-  TailBuffer,
 } from "../src/runtime/libc.ts";
+import { TailBuffer } from "../src/runtime/posix.ts";
 import { Sha256 } from "../src/hash.ts";
 import { noise } from "./helpers/fixtures.ts";
 

@@ -219,7 +219,8 @@ test("close() kills a child that ignores end of file once its grace is over", as
 
 test("a child that exits while a request waits rejects that request, and exited tells how", async () => {
   await withPeer(async (t) => {
-    await assert.rejects(ask(t, { op: "exit", code: 7, delay: 0.2, stderr: "peer: leaving mid-request" }));
+    const command = { op: "exit", code: 7, delay: 0.2, stderr: "peer: leaving mid-request" };
+    await assert.rejects(t.request(new TextEncoder().encode(JSON.stringify(command))));
     const exit = await within(t.exited, 5000, "exited");
     assert.equal(exit.code, 7);
     assert.equal(exit.signal, null);

@@ -31,10 +31,16 @@ export interface NowCalls {
 const SINK_POLL_MS = [1, 1, 2, 4, 8, 16];
 
 /**
- * A file sink for FFI calls that run on the JS thread: the sink never waits inside one: it splices without
- * waiting for the pipe (`SPLICE_F_NONBLOCK`), and when the pipe is empty it tries again after a
- * short timer (1 ms, backing off to 16 ms while it stays empty). A 1 MiB pipe that skopeo fills at
- * 1 GiB/s takes about 1 ms. The flush runs on Bun's thread pool (`node:fs` fds are real ones there).
+ * A file sink that never waits inside an FFI call: it splices without waiting for the pipe
+ * (`SPLICE_F_NONBLOCK`), and when the pipe is empty it tries again after a short timer (1 ms, backing
+ * off to 16 ms while it stays empty). A 1 MiB pipe that skopeo fills at 1 GiB/s takes about 1 ms. The
+ * flush runs on the runtime's thread pool through `node:fs` (under Bun its fds are real ones).
+ *
+ * @param calls The adapter's `read` and `splice`.
+ * @param sys The adapter's syscalls.
+ * @param fd The pipe's read end; the sink owns it.
+ * @param file The opened file; the sink owns it.
+ * @returns The sink.
  */
 export function pollFileSink(calls: NowCalls, sys: Syscalls, fd: number, file: number): FileSink {
   let pipe = fd;

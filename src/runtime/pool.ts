@@ -42,9 +42,15 @@ export const BLOB_READ = 192 * 1024;
 const SLAB_SIZE = 1 << 20;
 
 /**
- * A pipe read on the thread pool, `readSize` bytes at a time. The fd is closed at end of file, on
- * error and on cancel; a cancel during a read leaves the close to that read, so the fd number is
- * never closed (and reused) under a pending call.
+ * A pipe read on the thread pool. The fd is closed at end of file, on error and on cancel; a cancel
+ * during a read leaves the close to that read, so the fd number is never closed (and reused) under a
+ * pending call.
+ *
+ * @param pool The adapter's pool calls.
+ * @param sys The adapter's syscalls (for `close`).
+ * @param fd The pipe's read end; the stream owns it.
+ * @param readSize The most bytes one read asks for.
+ * @returns The pipe's bytes, as they are read.
  */
 export function poolStream(
   pool: PoolCalls,
@@ -105,6 +111,12 @@ export function poolStream(
 /**
  * A file sink whose `splice` waits for the pipe on a pool thread. Closing an fd while a call uses it
  * is left to that call, when it returns.
+ *
+ * @param pool The adapter's pool calls.
+ * @param sys The adapter's syscalls.
+ * @param fd The pipe's read end; the sink owns it.
+ * @param file The opened file; the sink owns it.
+ * @returns The sink.
  */
 export function poolFileSink(pool: PoolCalls, sys: Syscalls, fd: number, file: number): FileSink {
   let pipe = fd;

@@ -6,8 +6,11 @@
  * wait for a reply without holding the event loop ({@linkcode Receiver}), and how to read pipes.
  *
  * Every adapter is one {@linkcode PosixRuntime}, its members in this order: `syscalls`, `receiver`,
- * `openStream`, `fileSink`, `createHasher`, `launch`. It imports no runtime module and reads no
- * runtime global.
+ * `openStream`, `fileSink`, `createHasher`, `launch`, and its file keeps them in that order under the
+ * same section markers. What two runtimes do alike lives beside this file: `pool.ts` for FFIs that
+ * can wait on a thread pool (Deno; koffi's asynchronous calls under Node), `poll.ts` for FFIs that
+ * only call on the JS thread (Bun), `socket-stream.ts` for pipes read by `node:net` (Deno; Node).
+ * This module imports no runtime module and reads no runtime global.
  *
  * @module
  */
@@ -80,9 +83,9 @@ export interface Syscalls {
 }
 
 /** Room for more fds than any reply carries, so that extra ones are seen (and closed), not lost. */
-export const MAX_FDS = 16;
+const MAX_FDS = 16;
 /** Replies larger than this are a protocol error; GetLayerInfo on 400 layers is about 60 KB. */
-export const REPLY_BUFFER_SIZE = 1 << 20;
+const REPLY_BUFFER_SIZE = 1 << 20;
 /**
  * How long a request waits for its reply on the JS thread before the adapter's own wait takes over.
  * skopeo answers most requests within tens of microseconds, and a thread hop costs about as much
@@ -100,7 +103,7 @@ export interface ReceiveBuffers {
   msghdrBytes: Uint8Array;
   /** The control buffer (SCM_RIGHTS). */
   control: Uint8Array;
-  /** The data buffer, {@linkcode REPLY_BUFFER_SIZE} bytes. */
+  /** The data buffer, room for the largest reply accepted (1 MiB). */
   data: Uint8Array;
 }
 
@@ -111,9 +114,12 @@ const CONTROL_OFFSET = 192;
 const DATA_OFFSET = 512;
 
 /**
- * Allocates the receive buffers and packs the `msghdr`: in a `SharedArrayBuffer` when another thread
- * calls `recvmsg`. `addressOf` is the adapter's FFI pointer of a view; the memory must stay
- * referenced, and unmoved, while in use (both hold for a buffer the receiver keeps).
+ * Allocates the receive buffers and packs the `msghdr` that points into them. The memory must stay
+ * referenced, and unmoved, while `recvmsg` may use it: both hold for buffers a receiver keeps.
+ *
+ * @param shared Whether another thread calls `recvmsg` (a `SharedArrayBuffer` then).
+ * @param addressOf The adapter's FFI pointer of a view (its first byte, `byteOffset` included).
+ * @returns The buffers, with the `msghdr` ready for the first `recvmsg`.
  */
 export function packReceiveBuffers(shared: boolean, addressOf: (view: Uint8Array) => bigint): ReceiveBuffers {
   const size = DATA_OFFSET + REPLY_BUFFER_SIZE;
@@ -162,7 +168,12 @@ export interface StderrTail {
   done: Promise<void>;
 }
 
-/** Keeps the tail of a child's stderr read from `chunks` (a runtime's stream of its pipe). */
+/**
+ * Keeps the tail of a child's stderr as it is read.
+ *
+ * @param chunks The runtime's stream of the stderr pipe (a Web or a Node stream).
+ * @returns The tail, and a promise that settles at end of file (or when reading fails).
+ */
 export function readStderr(chunks: AsyncIterable<Uint8Array>): StderrTail {
   const tail = new TailBuffer();
   const done = (async () => {
@@ -217,10 +228,10 @@ export interface PosixRuntime {
 }
 
 /**
- * Checks what one `recvmsg` on the proxy socket returned: `n` bytes, the fds, the header's flags.
- * Throws at end of file, and for a reply or fd list cut short (closing the fds that did come).
+ * Checks what one `recvmsg` on the proxy socket returned. Throws at end of file, and a
+ * `ProtocolError` for a reply or fd list cut short, closing the fds that did come.
  */
-export function checkReply(n: number, fds: number[], flags: number, closeFd: (fd: number) => void): void {
+function checkReply(n: number, fds: number[], flags: number, closeFd: (fd: number) => void): void {
   if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
   if (flags & (MSG_TRUNC | MSG_CTRUNC)) {
     for (const fd of fds) closeFd(fd);

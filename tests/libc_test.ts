@@ -1,4 +1,4 @@
-// The libc layouts both adapters share (src/runtime/libc.ts): msghdr, SCM_RIGHTS, the stderr tail.
+// The libc layouts both adapters share (src/runtime/libc.ts): msghdr, SCM_RIGHTS; and the stderr tail (posix.ts).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
@@ -8,8 +8,8 @@ import {
   packScmRights,
   parseScmRights,
   readMsghdr,
-  TailBuffer,
 } from "../src/runtime/libc.ts";
+import { TailBuffer } from "../src/runtime/posix.ts";
 
 test("msghdr and SCM_RIGHTS layouts round-trip", () => {
   const msghdr = new DataView(new ArrayBuffer(MSGHDR_SIZE));

@@ -43,6 +43,8 @@ export interface BunSubprocess {
   readonly stderr: ReadableStream<Uint8Array> | number | undefined | null;
   /** Sends a signal. */
   kill(signal?: string | number): void;
+  /** Lets the child keep the event loop alive again. */
+  ref(): void;
   /** Stops the child from keeping the event loop alive. */
   unref(): void;
 }

@@ -6,9 +6,6 @@
  * @module
  */
 
-import { concat } from "../bytes.ts";
-import { ProtocolError } from "../errors.ts";
-
 /** `AF_UNIX`. */
 export const AF_UNIX = 1;
 /** `SOCK_SEQPACKET`. */
@@ -23,25 +20,6 @@ export const SCM_RIGHTS = 1;
 export const MSG_CTRUNC = 0x8;
 /** `MSG_TRUNC`: the packet was larger than the buffer. */
 export const MSG_TRUNC = 0x20;
-
-/** Replies larger than this are a protocol error; GetLayerInfo on 400 layers is about 60 KB. */
-export const REPLY_BUFFER_SIZE = 1 << 20;
-
-/**
- * Checks what one `recvmsg` on the proxy socket returned: `n` bytes, the fds, the header's flags.
- * Throws at end of file, and for a reply or fd list cut short (closing the fds that did come).
- */
-export function checkReply(n: number, fds: number[], flags: number, closeFd: (fd: number) => void): void {
-  if (n === 0 && fds.length === 0) throw new Error("The image proxy closed the connection");
-  if (flags & (MSG_TRUNC | MSG_CTRUNC)) {
-    for (const fd of fds) closeFd(fd);
-    throw new ProtocolError(
-      flags & MSG_TRUNC
-        ? `Reply larger than ${REPLY_BUFFER_SIZE} bytes`
-        : "Reply carried more file descriptors than expected",
-    );
-  }
-}
 /** `MSG_DONTWAIT`. */
 export const MSG_DONTWAIT = 0x40;
 /** `MSG_NOSIGNAL`: no SIGPIPE when the peer is gone. */
@@ -184,33 +162,4 @@ export function packScmRights(control: Uint8Array, fds: number[]): number {
   view.setInt32(12, SCM_RIGHTS, true);
   fds.forEach((fd, i) => view.setInt32(CMSGHDR_SIZE + i * 4, fd, true));
   return cmsgSpaceForFds(fds.length);
-}
-
-/** Keeps the last `limit` bytes of a byte stream as text: the tail of a child's stderr. */
-export class TailBuffer {
-  #chunks: Uint8Array[] = [];
-  #length = 0;
-  readonly #limit: number;
-  /** Creates a buffer that keeps the last `limit` bytes. */
-  constructor(limit = 8192) {
-    this.#limit = limit;
-  }
-  /** Appends bytes, dropping the oldest beyond the limit. */
-  push(chunk: Uint8Array): void {
-    this.#chunks.push(chunk);
-    this.#length += chunk.length;
-    while (this.#chunks.length > 1 && this.#length - this.#chunks[0].length >= this.#limit) {
-      this.#length -= this.#chunks.shift()!.length;
-    }
-  }
-  /** The kept bytes as text, cut at the first line start inside the limit. */
-  text(): string {
-    const all = concat(this.#chunks);
-    let tail = all.subarray(Math.max(0, all.length - this.#limit));
-    if (tail.length < all.length) {
-      const newline = tail.indexOf(10);
-      if (newline >= 0) tail = tail.subarray(newline + 1);
-    }
-    return new TextDecoder().decode(tail);
-  }
 }

@@ -91,7 +91,8 @@ function readlinkFfi(path: string): string | undefined {
 /** The open fds of this process, as `fd -> target`. */
 export function openFds(): Map<number, string> {
   const fds = new Map<number, string>();
-  if (RUNTIME === "deno") {
+  // Deno alone guards /proc/self; any other runtime (Bun, Node) reads it with node:fs.
+  if ("Deno" in globalThis) {
     for (let fd = 0; fd < 1024; fd++) {
       const target = readlinkFfi(`/proc/self/fd/${fd}`);
       if (target !== undefined) fds.set(fd, target);

@@ -173,6 +173,35 @@ test("getRawBlob of a blob of known size that goes on forever fails in bounded t
   );
 });
 
+test("a blob whose source stops right after its declared bytes errors after the idle timeout", async () => {
+  const log = join(scratch(), "fake.log");
+  await withoutUnhandledRejections(() =>
+    withFake({ ...endless(log, { FAKE_HOLD: "2" }), blobIdleTimeoutMs: 300 }, async (proxy) => {
+      const img = await proxy.openImage(REF);
+      const { stream } = await proxy.getBlob(img, DIGEST, SIZE);
+      const started = Date.now();
+      await assert.rejects(
+        within(
+          (async () => {
+            for await (const _ of stream) { /* drain */ }
+          })(),
+          BOUNDED_MS,
+          "the blob whose source stopped",
+        ),
+        (err: unknown) => {
+          assert.ok(err instanceof BlobError, String(err));
+          assert.equal(err.retryable, true);
+          assert.match(err.message, new RegExp(`stalled: no data for 300 ms after ${SIZE} of ${SIZE} bytes`));
+          return true;
+        },
+      );
+      assert.ok(Date.now() - started < 1900, "the stall was noticed before the source went on");
+      // Once the source goes on, its writer meets our closed end and FinishPipe returns.
+      await within(proxy.openImage(REF), BOUNDED_MS, "the next request");
+    })
+  );
+});
+
 // The writer holds the pipe for FAKE_HOLD seconds after the declared bytes, so FinishPipe is pending
 // (the server waits for its writer) when the signal aborts.
 for (const kind of ["getBlob", "saveBlob"] as const) {

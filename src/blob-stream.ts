@@ -62,6 +62,16 @@ export const BLOB_PIPE_SIZE = 1 << 20;
 const PAGE_SIZE = 4096;
 /** How long a cancelled GetBlob stream waits for data that shows its copy is alive (see cancel). */
 const CANCEL_PROBE_MS = 2000;
+/**
+ * The most a GetBlob stream reads past the declared size: the one read that must tell the pipe's end
+ * of file from more data (the server's writer holds the pipe open until FinishPipe), plus the chunk
+ * the adapter's stream may have read ahead; each is at most about a pipe's worth. Any byte past the
+ * size fails the blob. Reading on would drain a source that may never end (a registry that sent zeros
+ * forever made skopeo write 4.9 GB into a 256 KiB blob's file): the blob fails at once instead, and
+ * our end is closed, which makes skopeo's writer fail with EPIPE and lets FinishPipe return. A file
+ * sink moves a single byte past the size, so a saved file is never more than one byte too long.
+ */
+export const MAX_EXCESS_READ = 2 * BLOB_PIPE_SIZE;
 
 /**
  * Sends GetBlob and checks the reply; the pipe is the caller's to read and settle.
@@ -131,8 +141,9 @@ export async function saveBlobTo(
     read: async () => {
       let n: number;
       try {
-        // Never more than the declared size; past it, any excess is moved only to be reported.
-        n = await sink.move(moved < size ? Math.min(size - moved, BLOB_PIPE_SIZE) : BLOB_PIPE_SIZE);
+        // Never more than the declared size; past it, one byte tells the pipe's end from a blob too
+        // long (see MAX_EXCESS_READ).
+        n = await sink.move(moved < size ? Math.min(size - moved, BLOB_PIPE_SIZE) : 1);
       } catch (cause) {
         throw new ImageProxyError(`Saving blob ${digest} to "${path}" failed: ${(cause as Error).message}`, {
           cause,
@@ -185,17 +196,20 @@ function verifiedStream<T extends Sized>(
     finish ??= connection.finishPipe(pipeid);
     return finish;
   };
-  // Keep draining while FinishPipe is pending, so that a writer with extra bytes can finish.
+  // Past the size, the pipe ends once FinishPipe has closed the server's end; any data is one byte
+  // too many (see MAX_EXCESS_READ). The release then closes our end, and skopeo's writer fails with
+  // EPIPE, which settles FinishPipe: its error is expected, and handled here from the start, so that
+  // it never goes unhandled while the read is pending.
   const serverVerdict = async (): Promise<void> => {
-    const extra = drain(reader);
+    const finished = startFinish();
+    finished.catch(() => {});
+    const result = await readWithin(reader, idleMs);
+    if (result === STALLED) throw stallError(digest, idleMs, received, size);
+    if (!result.done) throw tooLong(digest, size);
     try {
-      await startFinish();
+      await finished;
     } catch (err) {
-      await extra.catch(() => {});
       throw blobFailure(err, digest);
-    }
-    if ((await extra) > 0) {
-      throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
     }
   };
   if (sizeUnknown) startFinish().catch(() => {});
@@ -207,9 +221,7 @@ function verifiedStream<T extends Sized>(
         throw stallError(digest, idleMs, received, size);
       }
       if (result.done) throw await earlyEnd(connection, digest, received, size, startFinish);
-      if (received + result.value.length > size) {
-        throw new BlobError(`Blob ${digest} has more than the ${size} bytes expected`, digest, false);
-      }
+      if (received + result.value.length > size) throw tooLong(digest, size);
       received += result.value.length;
       controller.enqueue(result.value);
       if (received < size) return "more";
@@ -282,14 +294,13 @@ async function earlyEnd(
   return new BlobError(`Blob ${digest} ended after ${received} of ${size} bytes`, digest, true);
 }
 
-/** Reads a stream to its end, counting and discarding what arrives. */
-async function drain(reader: ChunkReader<Sized>): Promise<number> {
-  let extra = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) return extra;
-    extra += value.length;
-  }
+/** The error for a blob that goes on past its declared size: never retried, the source is wrong. */
+function tooLong(digest: string, size: number): BlobError {
+  return new BlobError(
+    `Blob ${digest} has more than the ${size} bytes expected: more data arrived after them`,
+    digest,
+    false,
+  );
 }
 
 /** What a failed FinishPipe means for the blob. */

@@ -1,8 +1,11 @@
 /**
  * A registry stand-in on loopback: just enough of the registry v2 API for skopeo to open one image,
- * fetch its manifest and blobs, with two faults a real registry only shows on a bad day. Repository
+ * fetch its manifest and blobs, with faults a real registry only shows on a bad day. Repository
  * `stall` serves its layer's first half, then stops sending (the socket stays open); repository `hang`
- * never answers a manifest request. The config blob is always served whole.
+ * never answers a manifest request. Two repositories send their layer without a Content-Length (so
+ * skopeo reads until the body ends, and cannot tell its size): `endless` sends the layer's bytes, then
+ * zeros forever; `stall-unsized` sends its first half, then stops. The config blob is always served
+ * whole.
  */
 
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
@@ -21,7 +24,7 @@ export interface StandInRegistry {
   /** `127.0.0.1:PORT`. */
   host: string;
   /** `docker://127.0.0.1:PORT/NAME:latest`. */
-  ref(name: "stall" | "hang"): string;
+  ref(name: StandInRepository): string;
   manifestDigest: string;
   config: StandInBlob;
   /** The layer whose body stalls after `stalledAfter` bytes. */
@@ -35,7 +38,11 @@ export interface StandInRegistry {
   close(): Promise<void>;
 }
 
+/** The stand-in's repositories, by the fault they show. */
+export type StandInRepository = "stall" | "hang" | "endless" | "stall-unsized";
+
 const MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json";
+const REPOSITORY = "(stall|hang|endless|stall-unsized)";
 
 /** Starts the stand-in on 127.0.0.1, on an ephemeral port. */
 export async function startStandInRegistry(layerSize = 256 * 1024): Promise<StandInRegistry> {
@@ -75,7 +82,7 @@ export async function startStandInRegistry(layerSize = 256 * 1024): Promise<Stan
       res.end(head ? undefined : "{}");
       return;
     }
-    const manifest = /^\/v2\/(stall|hang)\/manifests\/([^/]+)$/.exec(path);
+    const manifest = new RegExp(`^/v2/${REPOSITORY}/manifests/([^/]+)$`).exec(path);
     if (manifest && (req.method === "GET" || head)) {
       if (manifest[1] === "hang") {
         heldOpen.add(res); // never answered
@@ -90,15 +97,28 @@ export async function startStandInRegistry(layerSize = 256 * 1024): Promise<Stan
       res.end(head ? undefined : manifestBytes);
       return;
     }
-    const blob = /^\/v2\/(stall|hang)\/blobs\/([^/]+)$/.exec(path);
+    const blob = new RegExp(`^/v2/${REPOSITORY}/blobs/([^/]+)$`).exec(path);
     const found = blob ? blobs.get(blob[2]) : undefined;
     if (!found || (req.method !== "GET" && !head)) return notFound(res, head);
+    const unsized = found === layer && (blob![1] === "endless" || blob![1] === "stall-unsized");
     res.writeHead(200, {
       "Content-Type": "application/octet-stream",
-      "Content-Length": String(found.size),
+      ...(unsized ? {} : { "Content-Length": String(found.size) }),
       "Docker-Content-Digest": found.digest,
     });
     if (head) return res.end();
+    if (found === layer && blob![1] === "endless") {
+      res.write(layer.data);
+      // Zeros for as long as the client reads, at the pace it reads.
+      const zeros = new Uint8Array(64 * 1024);
+      const more = () => {
+        while (!res.destroyed && res.write(zeros)) { /* until the socket's buffer is full */ }
+      };
+      res.on("drain", more);
+      heldOpen.add(res);
+      more();
+      return;
+    }
     if (found === layer) {
       res.write(layer.data.subarray(0, stalledAfter));
       heldOpen.add(res); // the rest never comes

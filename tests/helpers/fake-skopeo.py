@@ -43,6 +43,25 @@ def pipe_with(content):
 
 
 pending = []  # write ends kept open until FinishPipe, as the real server does
+writers = []  # writer processes FinishPipe waits for (scenario "endless")
+
+
+def write_endless(w, n):
+    """The declared n bytes, then (after FAKE_HOLD seconds) zeros forever; the total goes to FAKE_LOG.
+
+    Returns once the reader closed its end (EPIPE), where skopeo's writer fails."""
+    written = 0
+    try:
+        os.write(w, b"b" * n)
+        written = n
+        time.sleep(float(os.environ.get("FAKE_HOLD", "0")))
+        zeros = bytes(64 * 1024)
+        while True:
+            written += os.write(w, zeros)
+    except OSError:
+        if os.environ.get("FAKE_LOG"):
+            with open(os.environ["FAKE_LOG"], "a") as log:
+                log.write("written %d\n" % written)
 calls = {}
 
 
@@ -71,7 +90,16 @@ while True:
         for w in pending:
             os.close(w)
         pending.clear()
-        reply(None)
+        # Like the real server, wait for the writer and return its error.
+        failed = False
+        for pid in writers:
+            _, status = os.waitpid(pid, 0)
+            failed = failed or status != 0
+        writers.clear()
+        if failed:
+            reply(success=False, error="write |1: broken pipe")
+        else:
+            reply(None)
         continue
     if scenario == "slow" and method == "OpenImage":
         time.sleep(float(os.environ.get("FAKE_DELAY", "1.5")))
@@ -134,6 +162,33 @@ while True:
                                   "error": "reading manifest: received unexpected HTTP status: 503"}).encode())
         else:
             reply(1)
+    elif scenario == "endless" and method == "GetBlob":
+        # A source that sends the declared bytes, then never ends (FAKE_SIZE_UNKNOWN: replies -1).
+        n = int(args[2])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            write_endless(w, n)
+            os._exit(1)
+        writers.append(pid)
+        reply(-1 if os.environ.get("FAKE_SIZE_UNKNOWN") else n, pipeid=w, fds=[r])
+        os.close(r)
+        pending.append(w)
+    elif scenario == "endless" and method == "GetRawBlob":
+        n = int(os.environ.get("FAKE_RAW_BYTES", "200000"))
+        r, w = os.pipe()
+        er, ew = os.pipe()
+        reply(n, fds=[r, er])
+        os.close(r)
+        os.close(er)
+        pid = os.fork()
+        if pid == 0:
+            write_endless(w, n)
+            os.write(ew, json.dumps({"code": "EPIPE", "message": "write |1: broken pipe"}).encode())
+            os._exit(1)
+        os.close(w)
+        os.close(ew)
     elif method == "GetRawBlob":
         # FAKE_RAW: "ok" (all bytes), "flaky" (first FAKE_FAILURES copies break halfway with a retryable
         # error), "corrupt" (wrong bytes), "stall" (half, then nothing on the first copy).

@@ -21,7 +21,7 @@
  */
 
 export { ImageProxy, OpenedImage } from "./src/proxy.ts";
-export type { BlobOptions, BlobReader, SaveBlobOptions } from "./src/proxy.ts";
+export type { BlobOptions, BlobReader, RawBlobOptions, SaveBlobOptions } from "./src/proxy.ts";
 export { DEFAULT_BLOB_IDLE_TIMEOUT_MS, DEFAULT_SKOPEO_CMD, skopeoArgv } from "./src/config.ts";
 export type { ImageProxyConfig, RetryPolicy } from "./src/config.ts";
 export {

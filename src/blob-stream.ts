@@ -40,6 +40,16 @@ export interface BlobOptions {
   idleTimeoutMs?: number;
 }
 
+/** Options for `ImageProxy.getRawBlob`. */
+export interface RawBlobOptions extends BlobOptions {
+  /**
+   * The size the caller expects, from the blob's descriptor. A registry that sends no length makes
+   * the proxy answer -1: this size then bounds the stream (more bytes fail it) and is checked at its
+   * end. When the proxy does know the size and it differs, the request fails at once.
+   */
+  size?: number;
+}
+
 /** Options for `ImageProxy.saveBlob`. */
 export interface SaveBlobOptions extends BlobOptions {
   /** Called with the number of bytes each time more of the blob reached the file. */

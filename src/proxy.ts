@@ -49,13 +49,14 @@ import {
   type BlobReader,
   blobStream,
   openBlob,
+  type RawBlobOptions,
   type SaveBlobOptions,
   saveBlobTo,
 } from "./blob-stream.ts";
 import { openRawBlob } from "./raw-blob.ts";
 import { withRetry } from "./retry.ts";
 
-export type { BlobOptions, BlobReader, SaveBlobOptions } from "./blob-stream.ts";
+export type { BlobOptions, BlobReader, RawBlobOptions, SaveBlobOptions } from "./blob-stream.ts";
 export { isTransient } from "./retry.ts";
 
 /**
@@ -378,7 +379,7 @@ export class ImageProxy implements AsyncDisposable {
    * Streams a blob with `GetRawBlob` (protocol 0.2.8): the proxy does not hash, this client verifies
    * size and digest as the bytes go by. The stream closes only when both matched.
    */
-  async getRawBlob(image: OpenedImage, digest: string, options: BlobOptions = {}): Promise<BlobReader> {
+  async getRawBlob(image: OpenedImage, digest: string, options: RawBlobOptions = {}): Promise<BlobReader> {
     this.#checkImage(image);
     checkDigest(digest);
     return await openRawBlob(this.#connection, image.id, digest, options);

@@ -13,7 +13,7 @@ import { expectInteger } from "./protocol.ts";
 import { readToLimit } from "./bytes.ts";
 import { backoff, delay } from "./retry.ts";
 import type { Hasher, Transport } from "./transport.ts";
-import { BLOB_PIPE_SIZE, type BlobOptions, type BlobReader } from "./blob-stream.ts";
+import { BLOB_PIPE_SIZE, type BlobOptions, type BlobReader, type RawBlobOptions } from "./blob-stream.ts";
 import { guardedStream, readWithin, STALLED, stallError, type Step } from "./blob-lifecycle.ts";
 
 /** The most an error pipe may carry: a `{code, message}` JSON document. */
@@ -28,7 +28,7 @@ export async function openRawBlob(
   connection: Connection,
   imageId: number,
   digest: string,
-  options: BlobOptions,
+  options: RawBlobOptions,
 ): Promise<BlobReader> {
   const transport = connection.transport;
   const algorithm = digest.slice(0, digest.indexOf(":"));
@@ -41,7 +41,7 @@ export async function openRawBlob(
   const [dataFd, errorFd] = fds;
   let size: number;
   try {
-    size = expectInteger("GetRawBlob", reply.value, true);
+    size = expectedSize(digest, expectInteger("GetRawBlob", reply.value, true), options.size);
     options.signal?.throwIfAborted();
   } catch (err) {
     for (const fd of fds) transport.closeFd(fd);
@@ -49,6 +49,19 @@ export async function openRawBlob(
   }
   const first = openCopy(transport, dataFd, errorFd);
   return { size, stream: rawStream(connection, imageId, first, size, digest, hasher, options) };
+}
+
+/** The size to hold the stream to: the proxy's, else the caller's; the two must agree. */
+function expectedSize(digest: string, announced: number, expected: number | undefined): number {
+  if (expected === undefined || expected < 0) return announced;
+  if (announced >= 0 && announced !== expected) {
+    throw new BlobError(
+      `Blob ${digest} has ${announced} bytes, not the ${expected} expected`,
+      digest,
+      false,
+    );
+  }
+  return expected;
 }
 
 /**
@@ -63,7 +76,7 @@ function rawStream(
   size: number,
   digest: string,
   hasher: Hasher,
-  options: BlobOptions,
+  options: RawBlobOptions,
 ): ReadableStream<Uint8Array> {
   const transport = connection.transport;
   const idleMs = options.idleTimeoutMs ?? connection.timeouts.blobIdleTimeoutMs;
@@ -80,7 +93,7 @@ function rawStream(
     await delay(backoff(policy, attempt));
     attempt++;
     const { reply, fds } = await connection.call("GetRawBlob", [imageId, digest], "dual");
-    const again = expectInteger("GetRawBlob", reply.value, true);
+    const again = expectedSize(digest, expectInteger("GetRawBlob", reply.value, true), options.size);
     copy = openCopy(transport, fds[0], fds[1]);
     if (again !== size) throw new BlobError(`Blob ${digest} changed size between attempts`, digest, false);
     skip = received;

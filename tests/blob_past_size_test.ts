@@ -173,6 +173,35 @@ test("getRawBlob of a blob of known size that goes on forever fails in bounded t
   );
 });
 
+test("getRawBlob of a blob of unknown size is bounded by the size the caller expects", async () => {
+  const log = join(scratch(), "fake.log");
+  await withoutUnhandledRejections(() =>
+    withFake(endless(log, { FAKE_RAW_BYTES: String(SIZE), FAKE_SIZE_UNKNOWN: "1" }), async (proxy) => {
+      const img = await proxy.openImage(REF);
+      const { size, stream } = await proxy.getRawBlob(img, DIGEST, { size: SIZE });
+      assert.equal(size, SIZE);
+      let received = 0;
+      await assert.rejects(
+        within(
+          (async () => {
+            for await (const chunk of stream) received += chunk.length;
+          })(),
+          BOUNDED_MS,
+          "the raw blob of unknown size that never ends",
+        ),
+        (err: unknown) => {
+          assert.ok(err instanceof BlobError, String(err));
+          assert.equal(err.retryable, false);
+          assert.match(err.message, new RegExp(`more than the ${SIZE} bytes`));
+          return true;
+        },
+      );
+      assert.ok(received <= SIZE);
+      await within(proxy.openImage(REF), BOUNDED_MS, "the next request");
+    })
+  );
+});
+
 test("a blob whose source stops right after its declared bytes errors after the idle timeout", async () => {
   const log = join(scratch(), "fake.log");
   await withoutUnhandledRejections(() =>

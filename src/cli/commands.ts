@@ -90,7 +90,10 @@ async function blob(ctx: CommandContext): Promise<void> {
 
 async function blobRaw(ctx: CommandContext): Promise<void> {
   const [, digest] = ctx.args.operands;
-  const reader = await ctx.proxy.getRawBlob(ctx.image, digest, { signal: ctx.signal });
+  // The manifest's size for the blob bounds the stream when the registry sends no length.
+  const { manifest } = await ctx.proxy.fetchManifest(ctx.image);
+  const size = [manifest.config, ...manifest.layers].find((d) => d.digest === digest)?.size;
+  const reader = await ctx.proxy.getRawBlob(ctx.image, digest, { size, signal: ctx.signal });
   await copyToStdout(ctx, reader.stream, reader.size);
 }
 
@@ -126,7 +129,7 @@ async function fetchImage(ctx: CommandContext): Promise<void> {
   const { digest, manifest } = await proxy.fetchManifest(image);
   const get = (d: { digest: string; size: number }) =>
     args.rawBlobs
-      ? proxy.getRawBlob(image, d.digest, { signal })
+      ? proxy.getRawBlob(image, d.digest, { size: d.size, signal })
       : proxy.getBlob(image, d.digest, d.size, { signal });
   const drain = async (stream: ReadableStream<Uint8Array>, onBytes: (n: number) => void) => {
     for await (const chunk of stream) onBytes(chunk.length);

@@ -359,7 +359,10 @@ export async function writeLayout(
   // Blobs the proxy verifies go straight from its pipe into the file when the adapter can do that.
   const fetchBlob = (descriptor: Descriptor): BlobSource =>
     options.rawBlobs
-      ? { stream: () => proxy.getRawBlob(image, descriptor.digest, { signal: fetchSignal }) }
+      ? {
+        stream: () =>
+          proxy.getRawBlob(image, descriptor.digest, { size: descriptor.size, signal: fetchSignal }),
+      }
       : proxy.canSaveBlobs
       ? {
         save: (path, onBytes) =>

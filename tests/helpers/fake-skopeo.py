@@ -179,7 +179,7 @@ while True:
         n = int(os.environ.get("FAKE_RAW_BYTES", "200000"))
         r, w = os.pipe()
         er, ew = os.pipe()
-        reply(n, fds=[r, er])
+        reply(-1 if os.environ.get("FAKE_SIZE_UNKNOWN") else n, fds=[r, er])
         os.close(r)
         os.close(er)
         pid = os.fork()

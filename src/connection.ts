@@ -41,6 +41,9 @@ export interface Received {
   fds: number[];
 }
 
+/** The least time `Initialize` gets when a request timeout is set: the child is still starting. */
+const START_TIMEOUT_MS = 30_000;
+
 /** How one request is sent. */
 export interface CallOptions {
   /** Said after the method in a `RequestError` (`"oci:/x:latest"`). */
@@ -96,8 +99,12 @@ export class Connection {
    * @throws {ProxyTooOldError} below the base version; {@linkcode ProtocolError} for a malformed one.
    */
   async initialize(): Promise<string> {
+    const requestMs = this.timeouts.requestTimeoutMs;
     const { reply } = await this.call("Initialize", [], "none", {
       exitContext: "The image proxy exited before it was initialized",
+      // Starting the child is not a request: a loaded machine can take seconds to exec it, so a short
+      // request timeout would fail a healthy start. A hung start still fails when a timeout is set.
+      timeoutMs: requestMs > 0 ? Math.max(requestMs, START_TIMEOUT_MS) : 0,
     });
     const version = expectString("Initialize", reply.value);
     if (!parseVersion(version)) throw new ProtocolError(`Proxy announced an invalid version "${version}"`);

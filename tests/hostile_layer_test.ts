@@ -23,6 +23,7 @@ import {
   paxRecord,
   rawHeader,
   requireTool,
+  runCli,
   streamOf,
   tempDir,
   writeOciLayout,
@@ -311,6 +312,23 @@ test(`extractImage refuses a non-empty directory unless asked to overwrite (${se
     return true;
   });
   await extractImage(proxy, image, dir, { overwrite: true });
+  assert.equal(readFileSync(join(dir, "PRECIOUS"), "utf8"), "mine");
+  assert.equal(readFileSync(join(dir, "f"), "utf8"), "1");
+});
+
+test(`the CLI's extract refuses a non-empty DIR, and --overwrite keeps what it held (${server.name})`, () => {
+  const layout = tempDir("cli-precious-layout");
+  writeOciLayout(layout, [
+    layer(tar([{ name: ".wh.PRECIOUS", content: "" }, { name: "f", content: "1" }]), "gzip"),
+  ]);
+  const dir = tempDir("cli-home");
+  writeFileSync(join(dir, "PRECIOUS"), "mine");
+  const args = ["--skopeo", server.skopeoCmd.join(" "), "extract", `oci:${layout}:latest`, dir];
+  const refused = runCli(args);
+  assert.equal(refused.status, 1);
+  assert.match(refused.stderr, /^error: .*not empty/m);
+  const done = runCli([...args, "--overwrite", "--no-same-owner"]);
+  assert.equal(done.status, 0, done.stderr);
   assert.equal(readFileSync(join(dir, "PRECIOUS"), "utf8"), "mine");
   assert.equal(readFileSync(join(dir, "f"), "utf8"), "1");
 });

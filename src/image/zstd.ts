@@ -27,6 +27,8 @@ export interface ZstdPiece {
   start?: { checksum: boolean };
   /** Set on a frame's end: its checksum, when it has one. */
   end?: { checksum: number | undefined };
+  /** Set on a block: the most bytes it can decompress to. */
+  yields?: number;
 }
 
 function zstdError(message: string): LayerError {
@@ -159,7 +161,7 @@ export async function* zstdPieces(input: ReadableStream<Uint8Array>): AsyncGener
         const block = new Uint8Array(3 + body.length);
         block.set(head);
         block.set(body, 3);
-        yield { bytes: block };
+        yield { bytes: block, yields: type === 2 ? BLOCK_MAX : size };
       }
       const sum = checksum ? await reader.need(4) : new Uint8Array(0);
       yield { bytes: sum, end: { checksum: checksum ? little(sum, 0, 4) : undefined } };

@@ -1,5 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { existsSync, lstatSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import process from "node:process";
@@ -231,9 +232,7 @@ test("corrupt, badly checksummed and truncated zstd layers fail with a LayerErro
   if (missing) return t.skip(missing);
   const raw = tar([{ name: "big", content: new TextEncoder().encode("some text ".repeat(50_000)) }]);
   const good = zstd(raw);
-  const checked = new Uint8Array(
-    (await import("node:child_process")).execFileSync("zstd", ["-q", "-c", "--check"], { input: raw }),
-  );
+  const checked = new Uint8Array(execFileSync("zstd", ["-q", "-c", "--check"], { input: raw }));
   const corrupt = checked.slice();
   corrupt.fill(0x55, 20, 60);
   const badChecksum = checked.slice();
@@ -346,4 +345,28 @@ test(`the CLI's extract refuses a non-empty DIR, and --overwrite keeps what it h
   assert.equal(done.status, 0, done.stderr);
   assert.equal(readFileSync(join(dir, "PRECIOUS"), "utf8"), "mine");
   assert.equal(readFileSync(join(dir, "f"), "utf8"), "1");
+});
+
+test(`the CLI fails a corrupt zstd layer with one error line (${server.name})`, (t) => {
+  const missing = requireTool("zstd");
+  if (missing) return t.skip(missing);
+  const raw = tar([{ name: "big", content: new TextEncoder().encode("some text ".repeat(50_000)) }]);
+  const corrupt = new Uint8Array(execFileSync("zstd", ["-q", "-c", "--check"], { input: raw }));
+  corrupt.fill(0x55, 20, 60);
+  const layout = tempDir("cli-corrupt-layout");
+  writeOciLayout(layout, [{
+    blob: corrupt,
+    mediaType: "application/vnd.oci.image.layer.v1.tar+zstd",
+    tar: raw,
+  }]);
+  const result = runCli([
+    "--skopeo",
+    server.skopeoCmd.join(" "),
+    "extract",
+    `oci:${layout}:latest`,
+    tempDir("cli-out"),
+  ]);
+  assert.equal(result.status, 1);
+  assert.match(result.stderr, /^error: .*Cannot decompress the zstd layer: .*\n$/);
+  assert.equal(result.stderr.trim().split("\n").length, 1, result.stderr);
 });

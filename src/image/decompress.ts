@@ -7,8 +7,8 @@
  * decompression bomb. gzip goes through `node:zlib`'s `createGunzip` (Deno's `DecompressionStream`
  * refuses a second member and turns 64 KiB of a bomb into one 64 MB chunk), fed at most
  * {@linkcode GZIP_PIECE} bytes at a time, so that one write never yields more than about 16 MB.
- * zstd goes through {@linkcode zstdPieces}, one block at a time: Bun's native decoder, `fzstd`
- * elsewhere (see `zstd.ts`).
+ * zstd goes through {@linkcode zstdPieces}, a few blocks at a time, to the native decoder (in a
+ * worker under Deno, see `zstd.ts`).
  *
  * @module
  */
@@ -17,7 +17,7 @@ import * as zlib from "node:zlib";
 import { detectRuntime } from "../runtime/detect.ts";
 import { concat } from "../bytes.ts";
 import { LayerError } from "./errors.ts";
-import { fzstdDecompress, zstdPieces } from "./zstd.ts";
+import { BATCH_OUTPUT, workerZstdDecompress, zstdPieces } from "./zstd.ts";
 
 /** The most compressed bytes given to gzip at once: deflate yields at most 1032 bytes for each. */
 export const GZIP_PIECE = 16 * 1024;
@@ -108,8 +108,6 @@ interface NodeTransform {
   write(chunk: Uint8Array, callback: () => void): boolean;
   end(): void;
   destroy(error?: Error): void;
-  pause(): void;
-  resume(): void;
   on(event: string, listener: (...args: never[]) => void): void;
   once(event: string, listener: () => void): void;
 }
@@ -161,13 +159,11 @@ export function gunzip(input: ReadableStream<Uint8Array>): ReadableStream<Uint8A
 
 /** zstd, every frame, one block at a time. */
 export function zstdDecompress(input: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
-  if (detectRuntime() !== "bun") return fzstdDecompress(input);
+  if (detectRuntime() !== "bun") return workerZstdDecompress(input);
   const create = (zlib as unknown as { createZstdDecompress?: () => NodeTransform }).createZstdDecompress;
   if (typeof create !== "function") {
     throw new LayerError("This runtime's node:zlib cannot decompress zstd: upgrade Bun to a current release");
   }
-  // Blocks are written together up to about 1 MiB of output (a compressed block yields at most
-  // 128 KiB, a raw or RLE one what its header says), so that a write never yields more.
   async function* bytes() {
     let batch: Uint8Array[] = [];
     let output = 0;
@@ -175,7 +171,7 @@ export function zstdDecompress(input: ReadableStream<Uint8Array>): ReadableStrea
       if (piece.bytes.length === 0) continue;
       batch.push(piece.bytes);
       output += piece.yields ?? 0;
-      if (output >= 1 << 20) {
+      if (output >= BATCH_OUTPUT) {
         yield concat(batch);
         batch = [];
         output = 0;
@@ -187,15 +183,18 @@ export function zstdDecompress(input: ReadableStream<Uint8Array>): ReadableStrea
 }
 
 /**
- * A `node:zlib` transform as a Web stream, with backpressure both ways: the next piece is written only
- * once the transform has taken the last, and output is read only as the consumer pulls.
+ * A `node:zlib` transform as a Web stream, with backpressure both ways. What one piece yields is
+ * handed on once the transform has taken the whole piece, and the next piece is written only once the
+ * consumer has taken that: memory holds one piece's output at most, and a corrupt piece fails before
+ * any of its output is handed on, on every runtime alike.
  */
 function throughNode(
   z: NodeTransform,
   pieces: AsyncGenerator<Uint8Array>,
   format: string,
 ): ReadableStream<Uint8Array> {
-  const queue: Uint8Array[] = [];
+  let pending: Uint8Array[] = [];
+  let queue: Uint8Array[] = [];
   let ended = false;
   let failure: unknown;
   let wake: (() => void) | undefined;
@@ -203,13 +202,12 @@ function throughNode(
     wake?.();
     wake = undefined;
   };
+  const sleep = () => new Promise<void>((resolve) => wake = resolve);
   const closed = new Promise<void>((resolve) => z.once("close", resolve));
-  z.on("data", (chunk: Uint8Array) => {
-    queue.push(chunk);
-    z.pause();
-    notify();
-  });
+  z.on("data", (chunk: Uint8Array) => pending.push(chunk));
   z.on("end", () => {
+    queue.push(...pending);
+    pending = [];
     ended = true;
     notify();
   });
@@ -217,12 +215,16 @@ function throughNode(
     failure ??= err;
     notify();
   });
-  z.pause();
   const feeding = (async () => {
     try {
       for await (const piece of pieces) {
+        while (queue.length > 0 && failure === undefined) await sleep();
         if (failure !== undefined) return;
         await Promise.race([new Promise<void>((resolve) => z.write(piece, resolve)), closed]);
+        if (failure !== undefined) return;
+        queue = pending;
+        pending = [];
+        notify();
       }
       z.end();
     } catch (err) {
@@ -239,14 +241,12 @@ function throughNode(
     );
   return new ReadableStream<Uint8Array>({
     pull: async (controller) => {
-      while (queue.length === 0 && !ended && failure === undefined) {
-        const woken = new Promise<void>((resolve) => wake = resolve);
-        z.resume();
-        await woken;
-      }
-      const value = queue.shift();
-      if (value !== undefined) {
-        controller.enqueue(new Uint8Array(value.buffer, value.byteOffset, value.byteLength));
+      while (queue.length === 0 && !ended && failure === undefined) await sleep();
+      if (queue.length > 0 && failure === undefined) {
+        for (const value of queue.splice(0)) {
+          controller.enqueue(new Uint8Array(value.buffer, value.byteOffset, value.byteLength));
+        }
+        notify();
         return;
       }
       if (failure === undefined) await feeding;

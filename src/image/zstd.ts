@@ -21,7 +21,7 @@ import { concat } from "../bytes.ts";
 const FRAME_MAGIC = 0xfd2fb528;
 const BLOCK_MAX = 128 * 1024;
 
-/** One piece of a zstd stream, in order: a frame header, a block, or a frame's end. */
+/** One piece of a zstd stream, in order: a frame header, a block's header or body, or a frame's end. */
 export interface ZstdPiece {
   /** The bytes to give the decoder (empty for the end of a frame without a checksum). */
   bytes: Uint8Array;
@@ -29,7 +29,7 @@ export interface ZstdPiece {
   start?: true;
   /** Set on a frame's end (after its checksum, if any). */
   end?: true;
-  /** Set on a block: the most bytes it can decompress to. */
+  /** Set on a block's header: the most bytes the block can decompress to. */
   yields?: number;
 }
 
@@ -50,6 +50,7 @@ class Reader {
 
   /** `n` bytes; `null` at the end of the stream before the first, an error when cut short. */
   async read(n: number): Promise<Uint8Array | null> {
+    if (n === 0) return new Uint8Array(0);
     if (this.#offset === this.#chunk.length) {
       const { done, value } = await this.#reader.read();
       if (done) return null;
@@ -159,11 +160,9 @@ export async function* zstdPieces(input: ReadableStream<Uint8Array>): AsyncGener
         const size = value >>> 3;
         if (type === 3) throw zstdError(`the block at byte ${blockAt} has the reserved type`);
         if (size > BLOCK_MAX) throw zstdError(`the block at byte ${blockAt} is larger than 128 KiB`);
-        const body = await reader.need(type === 1 ? 1 : size);
-        const block = new Uint8Array(3 + body.length);
-        block.set(head);
-        block.set(body, 3);
-        yield { bytes: block, yields: type === 2 ? BLOCK_MAX : size };
+        // Header and body as read (views of the input, copied once when a batch is put together).
+        yield { bytes: head, yields: type === 2 ? BLOCK_MAX : size };
+        yield { bytes: await reader.need(type === 1 ? 1 : size) };
       }
       const sum = checksum ? await reader.need(4) : new Uint8Array(0);
       yield { bytes: sum, end: true };

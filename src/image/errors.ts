@@ -1,6 +1,7 @@
 /**
- * The errors of layer extraction, and what a layer may ask of the machine that extracts it. Layers are untrusted: a few kilobytes of gzip can describe gigabytes of metadata, so every
- * structure the extraction keeps in memory is bounded here, whatever the layer holds.
+ * The errors of layer extraction, and what a layer may ask of the machine that extracts it. Layers are
+ * untrusted: a few kilobytes of gzip can describe gigabytes of metadata, so every structure the
+ * extraction keeps in memory is bounded here, whatever the layer holds.
  *
  * @module
  */

@@ -77,7 +77,7 @@ export interface LayerStats {
   whiteouts: number;
   /** File content bytes written. */
   bytes: number;
-  /** The first entries not created (device nodes, FIFOs), as `TYPE NAME`, at most `LAYER_LIMITS.skippedNames`. */
+  /** The first entries not created (device nodes, FIFOs), as `TYPE NAME` (`LAYER_LIMITS.skippedNames`). */
   skipped: string[];
   /** How many entries were not created, named in `skipped` or not. */
   skippedCount: number;

@@ -113,6 +113,15 @@ test("a path within 4096 bytes but over the component limit is refused", async (
   await assertLimit(applyLayer(streamOf(archive), tempDir("hostile")), "pathComponents");
 });
 
+test("5,000 entries of 1,000 path components each take time linear in their components", async () => {
+  const path = "d/".repeat(999) + "d";
+  const entry = concatBytes(paxHeader("x", paxRecord("path", path)), rawHeader({ name: "d", type: "5" }));
+  const started = Date.now();
+  const stats = await applyLayer(generated(new Uint8Array(0), repeated(entry, 100), 50), tempDir("deep"));
+  assert.equal(stats.directories, 5_000);
+  assert.ok(Date.now() - started < 15_000, `took ${Date.now() - started} ms`);
+});
+
 test("global PAX headers beyond 1 MiB in total are refused before they fill memory", async () => {
   let i = 0;
   const header = () => paxHeader("g", paxRecord(`comment${i++}`, "x".repeat(MiB - 64)));

@@ -260,6 +260,11 @@ test("corrupt, badly checksummed and truncated zstd layers fail with a LayerErro
   }
 });
 
+test("a zstd frame asking for a window over 128 MiB is refused before anything is allocated", async () => {
+  const frame = new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x00, 21 << 3, 0x01, 0x00, 0x00]); // 2^31 bytes.
+  await assertLimit(applyLayer(streamOf(frame), tempDir("window")), "zstdWindowBytes");
+});
+
 test("as root, owners are kept by number; without them setuid and setgid bits are dropped", async () => {
   const archive = concatBytes(
     paxHeader("x", paxRecord("uid", "1000") + paxRecord("gid", "1000")),

@@ -13,7 +13,7 @@ import { expectInteger } from "./protocol.ts";
 import { readToLimit } from "./bytes.ts";
 import { backoff, delay } from "./retry.ts";
 import type { Hasher, Transport } from "./transport.ts";
-import { BLOB_PIPE_SIZE, type BlobOptions, type BlobReader, type RawBlobOptions } from "./blob-stream.ts";
+import { BLOB_PIPE_SIZE, type BlobReader, type RawBlobOptions } from "./blob-stream.ts";
 import { guardedStream, readWithin, STALLED, stallError, type Step } from "./blob-lifecycle.ts";
 
 /** The most an error pipe may carry: a `{code, message}` JSON document. */

@@ -88,11 +88,17 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   extract: {
     operands: ["REF", "DIR"],
-    usage: "extract REF DIR",
+    usage: "extract REF DIR [--overwrite] [--no-same-owner]",
     summary: "unpack the image's filesystem into DIR",
     help: "Applies every layer in order into DIR (created if missing), with OCI whiteouts. Entries that\n" +
       'would escape DIR (absolute names, "..", symlinks or hardlinks leading outside) are refused.\n' +
-      "Ownership is not applied; device nodes and FIFOs are skipped and listed in the JSON summary.",
+      "Run as root, files keep the layers' numeric owners; device nodes and FIFOs are skipped and\n" +
+      "counted in the JSON summary.\n\n" +
+      "Options:\n" +
+      "  --overwrite      extract into a DIR that already holds files (refused otherwise); whiteouts\n" +
+      "                   then remove only what earlier layers of the image wrote\n" +
+      "  --no-same-owner  files belong to the user running this, setuid and setgid bits dropped\n" +
+      "                   (the default when not running as root)",
   },
 };
 
@@ -112,6 +118,10 @@ export interface ParsedArgs {
   output: string | undefined;
   /** `fetch --raw-blobs`. */
   rawBlobs: boolean;
+  /** `extract --overwrite`: extract into a directory that already holds files. */
+  overwrite: boolean;
+  /** `extract --no-same-owner`: files belong to the user running it, setuid and setgid dropped. */
+  noSameOwner: boolean;
 }
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
@@ -194,6 +204,8 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     operands: [],
     output: undefined,
     rawBlobs: false,
+    overwrite: false,
+    noSameOwner: false,
   };
   const words: string[] = [];
   let optionsEnded = false;
@@ -250,6 +262,12 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     if (parsed.command === "fetch" && name === "--raw-blobs") {
       if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, "fetch");
       parsed.rawBlobs = true;
+      continue;
+    }
+    if (parsed.command === "extract" && (name === "--overwrite" || name === "--no-same-owner")) {
+      if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, "extract");
+      if (name === "--overwrite") parsed.overwrite = true;
+      else parsed.noSameOwner = true;
       continue;
     }
     throw new UsageError(`unknown option ${name}`, parsed.command);

@@ -168,6 +168,8 @@ async function extract(ctx: CommandContext): Promise<void> {
   const result = await extractImage(ctx.proxy, ctx.image, dir, {
     signal: ctx.signal,
     onProgress: layerProgress(ctx, "extracting"),
+    overwrite: ctx.args.overwrite,
+    sameOwner: ctx.args.noSameOwner ? false : undefined,
   });
   ctx.progress.clear();
   const sum = (key: "files" | "directories" | "symlinks" | "hardlinks" | "whiteouts" | "bytes") =>
@@ -183,6 +185,7 @@ async function extract(ctx: CommandContext): Promise<void> {
     whiteouts: sum("whiteouts"),
     bytes: sum("bytes"),
     skipped: result.layers.flatMap((l) => l.skipped),
+    skippedCount: result.layers.reduce((n, l) => n + l.skippedCount, 0),
     layers: result.layers.map((l) => ({
       digest: l.digest,
       size: l.size,

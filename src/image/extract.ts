@@ -8,62 +8,56 @@
  * written through; hardlink targets must name an existing non-directory inside the target. Anything
  * else is refused with an {@linkcode UnsafeEntryError} naming the entry.
  *
- * Ownership is not applied (the files belong to whoever runs the extraction); device nodes and FIFOs
- * are skipped and listed in the result, since they cannot be created without `mknod`.
+ * Owners: run as root, the extraction keeps each entry's numeric uid and gid (`lchown`, never a name
+ * looked up on the host), as GNU tar and umoci do; otherwise, or with `sameOwner: false`, files belong
+ * to whoever runs it and setuid and setgid bits are dropped, so that an untrusted layer never leaves
+ * a setuid program owned by someone it did not name. Device nodes and FIFOs are skipped and counted
+ * in the result (the first few by name), since they cannot be created without `mknod`.
+ *
+ * Memory stays bounded whatever a layer holds ({@linkcode LAYER_LIMITS}); a layer over a limit fails
+ * with a {@linkcode LayerLimitError} naming it.
  *
  * @module
  * @tags allow-read, allow-write
  */
 
 import { createHash } from "node:crypto";
-import {
-  chmod,
-  link,
-  lstat,
-  mkdir,
-  open,
-  readdir,
-  realpath,
-  rm,
-  stat,
-  symlink,
-  utimes,
-} from "node:fs/promises";
+import { chmod, lchown, link, mkdir, open, readdir, symlink, utimes } from "node:fs/promises";
 import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
-export type { Compression } from "./decompress.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
 import { readTar, TarFormatError, type TarHeader } from "./tar.ts";
-
-/** A layer entry that would escape or misuse the target directory; nothing of it was written. */
-export class UnsafeEntryError extends ImageProxyError {
-  /** The entry's name as stored in the layer. */
-  readonly entry: string;
-  /** Why it was refused. */
-  readonly reason: string;
-  /** The digest of the layer it came from, when known. */
-  readonly layer: string | undefined;
-  /** Creates the error for `entry` (of `layer`, if known), explaining `reason`. */
-  constructor(entry: string, reason: string, layer?: string) {
-    super(`Refusing layer entry "${entry}"${layer ? ` of layer ${layer}` : ""}: ${reason}`);
-    this.name = "UnsafeEntryError";
-    this.entry = entry;
-    this.reason = reason;
-    this.layer = layer;
-  }
-}
-
-/** A layer could not be applied: malformed tar, unsupported compression, wrong uncompressed digest. */
-export class LayerError extends ImageProxyError {
-  /** The layer's digest, when known. */
-  readonly digest: string | undefined;
-  /** Creates the error. */
-  constructor(message: string, digest?: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "LayerError";
-    this.digest = digest;
-  }
-}
+import {
+  DirectoryNotEmptyError,
+  LAYER_LIMITS,
+  LayerError,
+  LayerLimitError,
+  UnsafeEntryError,
+} from "./errors.ts";
+import { type WrittenNode, WrittenPaths } from "./paths.ts";
+import {
+  applyDirectoryModes,
+  components,
+  type DirectoryModes,
+  lstatOrNull,
+  readdirOrEmpty,
+  remove,
+  removeWritten,
+  runningAsRoot,
+  Target,
+  unsafe,
+  writeAll,
+} from "./target.ts";
+export type { Compression } from "./decompress.ts";
+export {
+  DirectoryNotEmptyError,
+  LAYER_LIMITS,
+  LayerError,
+  LayerLimitError,
+  UnsafeEntryError,
+} from "./errors.ts";
+export { type WrittenNode, WrittenPaths } from "./paths.ts";
+export { applyDirectoryModes, type DirectoryModes } from "./target.ts";
 
 /** What applying one layer did. */
 export interface LayerStats {
@@ -83,8 +77,10 @@ export interface LayerStats {
   whiteouts: number;
   /** File content bytes written. */
   bytes: number;
-  /** Entries not created (device nodes, FIFOs), as `TYPE NAME`. */
+  /** The first entries not created (device nodes, FIFOs), as `TYPE NAME` (`LAYER_LIMITS.skippedNames`). */
   skipped: string[];
+  /** How many entries were not created, named in `skipped` or not. */
+  skippedCount: number;
 }
 
 /** Options for {@linkcode applyLayer}. */
@@ -99,151 +95,24 @@ export interface ApplyLayerOptions {
    * {@linkcode applyDirectoryModes} at the very end (what {@linkcode extractImage} does).
    */
   directoryModes?: DirectoryModes;
-}
-
-/** Directory modes and times waiting to be applied, by real path. */
-export type DirectoryModes = Map<string, { mode: number; mtime: number }>;
-
-function unsafe(name: string, reason: string): UnsafeEntryError {
-  return new UnsafeEntryError(name, reason);
-}
-
-/**
- * Splits a path from the archive into components, refusing absolute paths and `..`.
- *
- * @param path an entry name or a hardlink target.
- * @param entry the entry to name in the error.
- * @param what how the message refers to `path`.
- */
-function components(path: string, entry = path, what = "it"): string[] {
-  if (path.startsWith("/")) throw unsafe(entry, `${what} is an absolute path`);
-  const parts = path.split("/").filter((p) => p !== "" && p !== ".");
-  if (parts.includes("..")) {
-    throw unsafe(entry, `${what} contains ".." and could escape the target directory`);
-  }
-  return parts;
-}
-
-function isMissing(err: unknown): boolean {
-  const code = (err as { code?: string })?.code;
-  return code === "ENOENT" || code === "ENOTDIR";
-}
-
-async function lstatOrNull(path: string) {
-  try {
-    return await lstat(path);
-  } catch (err) {
-    if (isMissing(err)) return null;
-    throw err;
-  }
-}
-
-/** Resolves paths inside one target directory, on disk, never leaving it. */
-class Target {
-  readonly root: string;
-  /** Relative directory path -> real path, for directories already resolved in this layer. */
-  #resolved = new Map<string, string>();
-
-  constructor(root: string) {
-    this.root = root;
-  }
-
-  static async open(dir: string): Promise<Target> {
-    await mkdir(dir, { recursive: true });
-    return new Target(await realpath(dir));
-  }
-
-  inside(real: string): boolean {
-    return real === this.root || real.startsWith(this.root.endsWith("/") ? this.root : `${this.root}/`);
-  }
-
-  forget(): void {
-    this.#resolved.clear();
-  }
-
   /**
-   * The real path of the directory `parts` names, each step checked: a symlink is followed only when
-   * it leads to a directory inside the target. With `create`, missing directories are made (0755);
-   * without, a missing one yields `null`.
+   * What earlier layers of the same image wrote (one object for all the image's layers; this layer's
+   * paths are added to it). When given, whiteouts and opaque directories remove only those paths,
+   * never what `dir` held before the image; without it they remove whatever `dir` holds there.
    */
-  async directory(entry: string, parts: string[], create: boolean): Promise<string | null> {
-    let current = this.root;
-    for (let i = 0; i < parts.length; i++) {
-      const key = parts.slice(0, i + 1).join("/");
-      const known = this.#resolved.get(key);
-      if (known !== undefined) {
-        current = known;
-        continue;
-      }
-      const path = `${current}/${parts[i]}`;
-      const info = await lstatOrNull(path);
-      if (info === null) {
-        if (!create) return null;
-        await mkdir(path, { mode: 0o755 });
-        current = path;
-      } else if (info.isSymbolicLink()) {
-        let real: string;
-        try {
-          real = await realpath(path);
-        } catch {
-          throw unsafe(entry, `its parent "${key}" is a symlink that does not resolve`);
-        }
-        if (!this.inside(real)) {
-          throw unsafe(entry, `its parent "${key}" is a symlink pointing outside the target directory`);
-        }
-        if (!(await stat(real)).isDirectory()) {
-          throw unsafe(entry, `its parent "${key}" is a symlink to something that is not a directory`);
-        }
-        current = real;
-      } else if (info.isDirectory()) {
-        current = path;
-      } else {
-        throw new LayerError(`Cannot create layer entry "${entry}": "${key}" is not a directory`);
-      }
-      this.#resolved.set(key, current);
-    }
-    return current;
-  }
-}
-
-/** Removes whatever is at `path` (never following a symlink). */
-async function remove(path: string): Promise<void> {
-  await rm(path, { recursive: true, force: true });
-}
-
-async function writeAll(
-  handle: Awaited<ReturnType<typeof open>>,
-  chunk: Uint8Array,
-): Promise<void> {
-  let offset = 0;
-  while (offset < chunk.length) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset);
-    offset += bytesWritten;
-  }
-}
-
-/** Applies every pending directory mode and time, deepest first. */
-export async function applyDirectoryModes(modes: DirectoryModes): Promise<void> {
-  const paths = [...modes.keys()].sort((a, b) => b.length - a.length);
-  for (const path of paths) {
-    const { mode, mtime } = modes.get(path)!;
-    try {
-      // A later entry may have replaced the directory, or one of its parents, with a symlink: chmod
-      // and utimes follow symlinks, so only a path that is still exactly this directory is touched.
-      if ((await realpath(path)) !== path || !(await lstat(path)).isDirectory()) continue;
-      await chmod(path, mode);
-      await utimes(path, mtime, mtime);
-    } catch (err) {
-      if (!isMissing(err)) throw err;
-    }
-  }
-  modes.clear();
+  writtenPaths?: WrittenPaths;
+  /**
+   * Keep each entry's numeric owner and group (`lchown`). Default: when running as root. When owners
+   * are not kept, setuid and setgid bits are dropped.
+   */
+  sameOwner?: boolean;
 }
 
 /**
  * Applies one layer to `dir`: `stream` is the layer blob as stored (gzip, zstd or uncompressed tar;
- * the content decides). Whiteouts remove what lower layers put there. The stream is read to its end
- * even after the tar's end marker, so a verifying blob stream always gets to its verdict.
+ * the content decides). Whiteouts remove what lower layers put there (only what earlier layers of the
+ * image wrote, when `writtenPaths` is given). The stream is read to its end even after the tar's end
+ * marker, so a verifying blob stream always gets to its verdict.
  *
  * @example Applying a layer from a file
  * ```ts ignore
@@ -254,7 +123,8 @@ export async function applyDirectoryModes(modes: DirectoryModes): Promise<void> 
  * ```
  *
  * @throws {UnsafeEntryError} for an entry that would escape `dir`.
- * @throws {LayerError} for a malformed layer or a wrong diff id.
+ * @throws {LayerError} for a malformed layer or a wrong diff id; {@linkcode LayerLimitError} for a
+ * layer over one of the {@linkcode LAYER_LIMITS}.
  */
 export async function applyLayer(
   stream: ReadableStream<Uint8Array>,
@@ -281,6 +151,7 @@ export async function applyLayer(
     whiteouts: 0,
     bytes: 0,
     skipped: [],
+    skippedCount: 0,
   };
   let tarStream = decompressed.stream;
   let hash: ReturnType<typeof createHash> | undefined;
@@ -299,12 +170,14 @@ export async function applyLayer(
   }
   const ownModes = options.directoryModes === undefined;
   const directoryModes: DirectoryModes = options.directoryModes ?? new Map();
-  // Paths this layer wrote (with their ancestors): whiteouts only remove what lower layers put there.
-  const written = new Set<string>();
-  const markWritten = (parts: string[]) => {
-    for (let i = 1; i <= parts.length; i++) written.add(parts.slice(0, i).join("/"));
-  };
-  const opaque: string[][] = [];
+  // Whiteouts only remove what lower layers put there: the paths this layer wrote are recorded (by
+  // real path, so that a symlinked parent cannot hide them), and with the image's record, so are
+  // the earlier layers', which are then the only ones a whiteout may remove.
+  const imageScoped = options.writtenPaths !== undefined;
+  const written = options.writtenPaths ?? new WrittenPaths();
+  const layer = written.nextLayer();
+  const sameOwner = options.sameOwner ?? await runningAsRoot(target.root);
+  const opaque = new Map<string, string[]>();
 
   try {
     for await (const entry of readTar(tarStream)) {
@@ -320,31 +193,41 @@ export async function applyLayer(
       const parentParts = parts.slice(0, -1);
       if (base.startsWith(".wh.")) {
         stats.whiteouts++;
-        if (base === ".wh..wh..opq") {
-          opaque.push(parentParts);
-          markWritten(parentParts);
-          continue;
-        }
-        if (base.startsWith(".wh..wh.")) continue; // Other AUFS metadata: nothing to do.
+        if (base.startsWith(".wh..wh.") && base !== ".wh..wh..opq") continue; // Other AUFS metadata.
         const victim = base.slice(4);
         if (victim === "" || victim === "." || victim === "..") {
           throw unsafe(header.name, `it is a whiteout for "${victim}", which is not a file name`);
         }
-        const victimParts = [...parentParts, victim];
-        if (written.has(victimParts.join("/"))) continue; // Whiteouts hide lower layers only.
         const parent = await target.directory(header.name, parentParts, false);
-        if (parent !== null) {
-          await remove(`${parent}/${victim}`);
-          target.forget();
+        if (parent === null) continue; // Nothing below a missing directory to hide.
+        const realParts = target.relative(parent);
+        if (base === ".wh..wh..opq") {
+          opaque.set(parent, realParts);
+          written.mark(realParts);
+          continue;
         }
+        const victimParts = [...realParts, victim];
+        const node = written.get(victimParts);
+        if (node?.layer === layer) continue; // Whiteouts hide lower layers only.
+        if (imageScoped && node === undefined) continue; // Not the image's: it was there before.
+        await removeWritten(`${parent}/${victim}`, imageScoped ? node : undefined);
+        written.delete(victimParts);
+        target.forget();
         continue;
       }
-      markWritten(parts);
-      await applyEntry(target, header, parts, entry.content(), stats, directoryModes);
+      const parent = await applyEntry(
+        target,
+        header,
+        parts,
+        entry.content(),
+        stats,
+        directoryModes,
+        sameOwner,
+      );
+      if (parent !== null) written.mark([...target.relative(parent), base]);
     }
-    for (const parts of opaque) {
-      const real = await target.directory(parts.join("/") || ".", parts, false);
-      if (real !== null) await pruneLower(real, parts.join("/"), written);
+    for (const [real, parts] of opaque) {
+      await pruneLower(real, written.get(parts), layer, imageScoped);
     }
   } catch (err) {
     await tarStream.cancel(err).catch(() => {});
@@ -369,20 +252,30 @@ export async function applyLayer(
   return stats;
 }
 
-/** Removes everything under `real` that this layer did not write (an opaque directory). */
-async function pruneLower(real: string, relative: string, written: Set<string>): Promise<void> {
+/**
+ * Removes what lower layers put under `real` (an opaque directory): everything this layer did not
+ * write, or with `imageScoped`, only what earlier layers of the image wrote.
+ */
+async function pruneLower(
+  real: string,
+  node: WrittenNode | undefined,
+  layer: number,
+  imageScoped: boolean,
+): Promise<void> {
   for (const name of await readdir(real)) {
-    const rel = relative ? `${relative}/${name}` : name;
+    const child = node?.children?.get(name);
     const path = `${real}/${name}`;
-    if (!written.has(rel)) {
-      await remove(path);
+    if (child?.layer === layer) {
+      if ((await lstatOrNull(path))?.isDirectory()) await pruneLower(path, child, layer, imageScoped);
       continue;
     }
-    const info = await lstatOrNull(path);
-    if (info?.isDirectory()) await pruneLower(path, rel, written);
+    if (imageScoped && child === undefined) continue;
+    await removeWritten(path, imageScoped ? child : undefined);
+    node?.children?.delete(name);
   }
 }
 
+/** Creates one entry; returns the real path of its parent, or `null` when it was skipped. */
 async function applyEntry(
   target: Target,
   header: TarHeader,
@@ -390,11 +283,13 @@ async function applyEntry(
   content: AsyncIterable<Uint8Array>,
   stats: LayerStats,
   directoryModes: DirectoryModes,
-): Promise<void> {
+  sameOwner: boolean,
+): Promise<string | null> {
   const name = header.name;
   if (header.type === "character-device" || header.type === "block-device" || header.type === "fifo") {
-    stats.skipped.push(`${header.type} ${name}`);
-    return;
+    if (stats.skipped.length < LAYER_LIMITS.skippedNames) stats.skipped.push(`${header.type} ${name}`);
+    stats.skippedCount++;
+    return null;
   }
   // Check a hardlink's target before anything is created for the entry.
   let linkTarget: string | undefined;
@@ -412,10 +307,13 @@ async function applyEntry(
     if (info.isDirectory()) throw unsafe(name, `its hardlink target "${header.linkname}" is a directory`);
     linkTarget = path;
   }
-  const parent = await target.directory(name, parts.slice(0, -1), true);
+  const parent = (await target.directory(name, parts.slice(0, -1), true))!;
   const path = `${parent}/${parts[parts.length - 1]}`;
   const existing = await lstatOrNull(path);
   const mtime = Number.isFinite(header.mtime) ? header.mtime : 0;
+  // Without the layer's owners, a setuid or setgid bit would grant the extracting user's rights.
+  const mode = sameOwner ? header.mode : header.mode & ~0o6000;
+  const chown = () => sameOwner ? lchown(path, header.uid, header.gid) : Promise.resolve();
 
   if (header.type === "directory") {
     if (existing !== null && !existing.isDirectory()) {
@@ -423,12 +321,13 @@ async function applyEntry(
       target.forget();
     }
     if (existing === null || !existing.isDirectory()) await mkdir(path, { mode: 0o755 });
+    await chown();
     stats.directories++;
-    directoryModes.set(path, { mode: header.mode, mtime });
-    return;
+    directoryModes.set(path, { mode, mtime });
+    return parent;
   }
   if (existing !== null) {
-    if (linkTarget === path) return; // A hardlink to itself.
+    if (linkTarget === path) return parent; // A hardlink to itself.
     await remove(path);
     target.forget();
   }
@@ -444,21 +343,24 @@ async function applyEntry(
       } finally {
         await handle.close();
       }
-      await chmod(path, header.mode);
+      await chown(); // Before chmod: changing the owner clears setuid and setgid.
+      await chmod(path, mode);
       await utimes(path, mtime, mtime);
       stats.files++;
-      return;
+      return parent;
     }
     case "symlink":
       await symlink(header.linkname, path);
+      await chown();
       target.forget();
       stats.symlinks++;
-      return;
+      return parent;
     case "hardlink":
       await link(linkTarget!, path);
       stats.hardlinks++;
-      return;
+      return parent;
   }
+  return null;
 }
 
 /** Progress of {@linkcode extractImage} (and of the CLI's fetch). */
@@ -485,6 +387,14 @@ export interface ExtractOptions {
   onProgress?: (progress: LayerProgress) => void;
   /** Check each layer's uncompressed digest against the configuration's `rootfs.diff_ids` (default true). */
   verifyDiffIds?: boolean;
+  /**
+   * Extract into a directory that already holds files. Without it a non-empty `dir` is refused with
+   * a {@linkcode DirectoryNotEmptyError}. With it, the image's entries replace what is at their
+   * paths, and whiteouts remove only what earlier layers of the image wrote: the rest stays.
+   */
+  overwrite?: boolean;
+  /** Keep each entry's numeric owner and group; see {@linkcode ApplyLayerOptions.sameOwner}. */
+  sameOwner?: boolean;
 }
 
 /** What {@linkcode extractImage} did. */
@@ -515,9 +425,10 @@ export function countingStream(
 }
 
 /**
- * Unpacks the filesystem of `image` into `dir` (created if missing): every layer, in order, streamed
- * from the proxy and verified by it, with OCI whiteouts applied. When it fails, `dir` holds whatever
- * was applied so far and should be discarded.
+ * Unpacks the filesystem of `image` into `dir` (created if missing, and refused when it holds files
+ * unless `overwrite` is set): every layer, in order, streamed from the proxy and verified by it, with
+ * OCI whiteouts applied. Run as root it keeps the layers' numeric owners; see the module docs. When
+ * it fails, `dir` holds whatever was applied so far and should be discarded.
  *
  * @example Extracting an image
  * ```ts ignore
@@ -530,6 +441,7 @@ export function countingStream(
  * console.log(layers.length, "layers applied");
  * ```
  *
+ * @throws {DirectoryNotEmptyError} when `dir` holds files and `overwrite` is not set.
  * @throws {UnsafeEntryError} for a hostile entry; {@linkcode LayerError}, `BlobError` and the proxy's
  * errors otherwise.
  */
@@ -540,6 +452,7 @@ export async function extractImage(
   options: ExtractOptions = {},
 ): Promise<ExtractResult> {
   const { signal, onProgress } = options;
+  if (!options.overwrite && (await readdirOrEmpty(dir)).length > 0) throw new DirectoryNotEmptyError(dir);
   const { digest, manifest } = await proxy.fetchManifest(image);
   let diffIds: string[] | undefined;
   if (options.verifyDiffIds ?? true) {
@@ -548,6 +461,7 @@ export async function extractImage(
   }
   const totalBytes = manifest.layers.reduce((n, l) => n + l.size, 0);
   const directoryModes: DirectoryModes = new Map();
+  const writtenPaths = new WrittenPaths();
   const layers: ExtractResult["layers"] = [];
   let bytes = 0;
   for (const [i, layer] of manifest.layers.entries()) {
@@ -571,8 +485,17 @@ export async function extractImage(
     });
     let stats: LayerStats;
     try {
-      stats = await applyLayer(counted, dir, { diffId: diffIds?.[i], signal, directoryModes });
+      stats = await applyLayer(counted, dir, {
+        diffId: diffIds?.[i],
+        signal,
+        directoryModes,
+        writtenPaths,
+        sameOwner: options.sameOwner,
+      });
     } catch (err) {
+      if (err instanceof LayerLimitError && err.digest === undefined) {
+        throw new LayerLimitError(err.limit, `Layer ${layer.digest}: ${err.message}`, layer.digest);
+      }
       if (err instanceof LayerError && err.digest === undefined) {
         throw new LayerError(`Layer ${layer.digest}: ${err.message}`, layer.digest, { cause: err });
       }

@@ -2,6 +2,9 @@
  * A small streaming tar reader: ustar, GNU long names (`L`, `K`) and PAX extended headers (`x`, `g`),
  * enough for every layer format the OCI image spec allows. It reads a Web `ReadableStream` once, holds
  * at most one chunk plus one header in memory, and hands out each entry's content as it arrives.
+ * Metadata is bounded by {@linkcode LAYER_LIMITS}: one PAX or long-name entry, all global PAX headers
+ * together, and every name and link target; only the PAX keys it uses are kept, so lookups cost the
+ * same whatever else a header carries.
  *
  * Written here rather than taken from npm because layer extraction needs the raw header facts (type,
  * link name, mode, PAX path) with no policy applied, works on Web streams in both runtimes, and is
@@ -9,6 +12,8 @@
  *
  * @module
  */
+
+import { LAYER_LIMITS, LayerLimitError } from "./errors.ts";
 
 /** The kinds of tar entries a layer may carry. */
 export type TarEntryType =
@@ -65,9 +70,8 @@ export class TarFormatError extends Error {
 }
 
 const BLOCK = 512;
-/** Long names, link names and PAX headers larger than this are refused (a memory bomb otherwise). */
-const MAX_META = 1 << 20;
 const decoder = new TextDecoder();
+const encoder = new TextEncoder();
 
 /** Buffered exact reads over a byte stream. */
 class ByteReader {
@@ -176,9 +180,15 @@ function checksumOk(block: Uint8Array): boolean {
   return stored === unsigned || stored === signed;
 }
 
-/** Parses PAX records (`LENGTH KEY=VALUE\n`). */
-function parsePax(data: Uint8Array): Map<string, string> {
-  const records = new Map<string, string>();
+/** The PAX keys an entry's header takes; others are read and dropped. */
+const PAX_KEYS = new Set(["path", "linkpath", "size", "uid", "gid", "mtime"]);
+
+/**
+ * Parses PAX records (`LENGTH KEY=VALUE\n`) into `into`, keeping only {@linkcode PAX_KEYS}.
+ *
+ * @throws {TarFormatError} for malformed records and GNU sparse files, which layers must not use.
+ */
+function parsePax(data: Uint8Array, into: Map<string, string>): void {
   let offset = 0;
   while (offset < data.length) {
     const space = data.indexOf(0x20, offset);
@@ -187,13 +197,30 @@ function parsePax(data: Uint8Array): Map<string, string> {
     if (!Number.isSafeInteger(length) || length <= space - offset || offset + length > data.length) {
       throw new TarFormatError("Malformed PAX extended header");
     }
-    const record = decoder.decode(data.subarray(space + 1, offset + length - 1));
-    const equals = record.indexOf("=");
+    const record = data.subarray(space + 1, offset + length - 1);
+    const equals = record.indexOf(0x3d);
     if (equals <= 0) throw new TarFormatError("Malformed PAX record");
-    records.set(record.slice(0, equals), record.slice(equals + 1));
+    const key = decoder.decode(record.subarray(0, equals));
+    if (key.startsWith("GNU.sparse.")) {
+      throw new TarFormatError("GNU sparse files are not supported in image layers");
+    }
+    if (PAX_KEYS.has(key)) into.set(key, decoder.decode(record.subarray(equals + 1)));
     offset += length;
   }
-  return records;
+}
+
+/** Refuses a name or link target longer than a path can be. */
+function checkPath(path: string, what: string): void {
+  // A UTF-16 unit takes one to three UTF-8 bytes: encode only what may be close to the limit.
+  const max = LAYER_LIMITS.pathBytes;
+  if (path.length > max || (path.length * 3 > max && encoder.encode(path).length > max)) {
+    throw new LayerLimitError("pathBytes", `The tar ${what} "${path.slice(0, 40)}..." is too long`);
+  }
+}
+
+/** An entry's PAX records: its own over the global ones. */
+interface PaxRecords {
+  get(key: string): string | undefined;
 }
 
 const TYPES: Record<string, TarEntryType> = {
@@ -208,7 +235,7 @@ const TYPES: Record<string, TarEntryType> = {
   "6": "fifo",
 };
 
-function paxNumber(records: Map<string, string>, key: string, fallback: number): number {
+function paxNumber(records: PaxRecords, key: string, fallback: number): number {
   const text = records.get(key);
   if (text === undefined) return fallback;
   const value = Number(text);
@@ -232,6 +259,7 @@ function paxNumber(records: Map<string, string>, key: string, fallback: number):
 export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerator<TarEntry> {
   const input = new ByteReader(stream);
   const globalPax = new Map<string, string>();
+  let globalBytes = 0;
   let finished = false;
   try {
     let pax = new Map<string, string>();
@@ -249,12 +277,25 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
       const size = numeric(block, 124, 12, "size");
       const padded = Math.ceil(size / BLOCK) * BLOCK;
       if (typeflag === "x" || typeflag === "g" || typeflag === "L" || typeflag === "K") {
-        if (size > MAX_META) throw new TarFormatError(`A tar metadata entry of ${size} bytes is too large`);
+        if (size > LAYER_LIMITS.metadataBytes) {
+          throw new LayerLimitError("metadataBytes", `A tar metadata entry of ${size} bytes is too large`);
+        }
+        if (typeflag === "g") {
+          globalBytes += size;
+          if (globalBytes > LAYER_LIMITS.globalMetadataBytes) {
+            throw new LayerLimitError(
+              "globalMetadataBytes",
+              `Global PAX headers of ${globalBytes} bytes or more are too large`,
+            );
+          }
+        }
         const data = size === 0 ? new Uint8Array(0) : await input.readExact(padded, "a metadata entry");
         if (data === null) throw new TarFormatError("Archive ends in the middle of a metadata entry");
         const body = data.subarray(0, size);
-        if (typeflag === "x") pax = parsePax(body);
-        else if (typeflag === "g") { for (const [k, v] of parsePax(body)) globalPax.set(k, v); }
+        if (typeflag === "x") {
+          pax = new Map();
+          parsePax(body, pax);
+        } else if (typeflag === "g") parsePax(body, globalPax);
         else {
           const end = body.indexOf(0);
           const text = decoder.decode(end >= 0 ? body.subarray(0, end) : body);
@@ -263,11 +304,9 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
         }
         continue;
       }
-      const records = new Map([...globalPax, ...pax]);
+      const local = pax;
+      const records: PaxRecords = { get: (key) => local.get(key) ?? globalPax.get(key) };
       pax = new Map();
-      if ([...records.keys()].some((k) => k.startsWith("GNU.sparse."))) {
-        throw new TarFormatError("GNU sparse files are not supported in image layers");
-      }
       let type = TYPES[typeflag];
       if (type === undefined) {
         throw new TarFormatError(`Unsupported tar entry type "${typeflag}"`);
@@ -282,6 +321,8 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
       name = records.get("path") ?? longName ?? name;
       const linkname = records.get("linkpath") ?? longLink ?? field(block, 157, 100);
       longName = longLink = undefined;
+      checkPath(name, "name");
+      checkPath(linkname, "link target");
       if (type === "file" && typeflag === "\0" && name.endsWith("/")) type = "directory";
       if (type === "directory") name = name.replace(/\/+$/, "");
       const header: TarHeader = {

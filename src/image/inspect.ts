@@ -1,0 +1,30 @@
+/**
+ * Looking inside images without unpacking them: the merged file view (whiteouts applied), one file's
+ * content, and the layers as verified tar entries. Every reader checks each layer's uncompressed bytes
+ * against the configuration's `rootfs.diff_ids` as it streams (on by default).
+ *
+ * @example Listing an image and reading one file
+ * ```ts ignore
+ * import { ImageProxy } from "jsr:@cip/containers-image-proxy";
+ * import { listImage, readFile } from "jsr:@cip/containers-image-proxy/inspect";
+ *
+ * await using proxy = await ImageProxy.spawn();
+ * const img = await proxy.openImage("docker://quay.io/libpod/alpine:latest");
+ * for await (const entry of listImage(proxy, img)) console.log(entry.type, entry.path);
+ * const text = await new Response(await readFile(proxy, img, "/etc/os-release")).text();
+ * ```
+ *
+ * @module
+ * @tags allow-ffi, allow-run, allow-env
+ */
+
+export { type FileEntry, findInImage, listImage, MAX_SYMLINK_HOPS, type ViewOptions } from "./view.ts";
+export {
+  DiffIdMismatchError,
+  type FileType,
+  type ImageLayer,
+  imageLayers,
+  layerEntries,
+  type LayerSource,
+  type ReadLayerOptions,
+} from "./layers.ts";

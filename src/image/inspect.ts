@@ -19,6 +19,7 @@
  */
 
 export { type FileEntry, findInImage, listImage, MAX_SYMLINK_HOPS, type ViewOptions } from "./view.ts";
+export { FileNotFoundError, NotAFileError, readFile, SymlinkLoopError } from "./read-file.ts";
 export {
   DiffIdMismatchError,
   type FileType,

@@ -28,6 +28,8 @@ export class UsageError extends Error {
 export interface CommandSpec {
   /** Operand names, in order. */
   operands: string[];
+  /** Operands that may follow the required ones. */
+  optional?: string[];
   /** The usage line after `image-proxy [OPTIONS]`. */
   usage: string;
   /** One line for the command list. */
@@ -94,6 +96,27 @@ export const COMMANDS: Record<string, CommandSpec> = {
       'would escape DIR (absolute names, "..", symlinks or hardlinks leading outside) are refused.\n' +
       "Ownership is not applied; device nodes and FIFOs are skipped and listed in the JSON summary.",
   },
+  ls: {
+    operands: ["REF"],
+    optional: ["PATH"],
+    usage: "ls REF [PATH] [--json]",
+    summary: "list the image's final file system (whiteouts applied), like tar -tv",
+    help:
+      "Lists every path of the image's final file system, as a container sees it, without unpacking it:\n" +
+      "each layer is read once and checked against its diff id. With PATH, only PATH and what lies below.\n" +
+      "Times are UTC; owners are numeric.\n\n" +
+      "Options:\n" +
+      "  --json  one JSON object per line: path, type (file, dir, symlink, hardlink, char, block, fifo),\n" +
+      "          mode, uid, gid, size, mtime, linkname, layer (index from 0, bottom first), layerDigest",
+  },
+  cat: {
+    operands: ["REF", "PATH"],
+    usage: "cat REF PATH",
+    summary: "write one file of the image to standard output",
+    help: "Writes the file at PATH to standard output. Layers are read from the top, and only down to the\n" +
+      "first one that holds PATH or hides it. Symlinks are followed inside the image root. A missing\n" +
+      "path or a directory is an error (exit status 1).",
+  },
 };
 
 /** What the command line asks for. */
@@ -112,6 +135,8 @@ export interface ParsedArgs {
   output: string | undefined;
   /** `fetch --raw-blobs`. */
   rawBlobs: boolean;
+  /** `ls --json`. */
+  json: boolean;
 }
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
@@ -164,6 +189,7 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     operands: [],
     output: undefined,
     rawBlobs: false,
+    json: false,
   };
   const words: string[] = [];
   let optionsEnded = false;
@@ -222,6 +248,11 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       parsed.rawBlobs = true;
       continue;
     }
+    if (parsed.command === "ls" && name === "--json") {
+      if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, "ls");
+      parsed.json = true;
+      continue;
+    }
     throw new UsageError(`unknown option ${name}`, parsed.command);
   }
   if (parsed.config.policy !== undefined && parsed.config.insecurePolicy) {
@@ -238,11 +269,12 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
   if (words.length < spec.operands.length) {
     throw new UsageError(`missing ${spec.operands.slice(words.length).join(" ")}`, parsed.command);
   }
-  if (words.length > spec.operands.length) {
-    throw new UsageError(`unexpected argument "${words[spec.operands.length]}"`, parsed.command);
+  const operands = [...spec.operands, ...(spec.optional ?? [])];
+  if (words.length > operands.length) {
+    throw new UsageError(`unexpected argument "${words[operands.length]}"`, parsed.command);
   }
-  for (const [i, operand] of spec.operands.entries()) {
-    const value = words[i];
+  for (const [i, value] of words.entries()) {
+    const operand = operands[i];
     if (operand === "REF") {
       try {
         ImageReference.parse(value);

@@ -18,14 +18,18 @@
  * @tags allow-ffi, allow-run, allow-env
  */
 
-export { type FileEntry, findInImage, listImage, MAX_SYMLINK_HOPS, type ViewOptions } from "./view.ts";
-export { FileNotFoundError, NotAFileError, readFile, SymlinkLoopError } from "./read-file.ts";
+export { type FileEntry, findInImage, listImage, type ViewOptions } from "./view.ts";
+export { readFile } from "./read-file.ts";
 export {
   DiffIdMismatchError,
+  FileNotFoundError,
   type FileType,
   type ImageLayer,
   imageLayers,
   layerEntries,
   type LayerSource,
+  MAX_SYMLINK_HOPS,
+  NotAFileError,
   type ReadLayerOptions,
+  SymlinkLoopError,
 } from "./layers.ts";

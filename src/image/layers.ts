@@ -37,6 +37,52 @@ export class DiffIdMismatchError extends LayerError {
   }
 }
 
+/** The symlink hops a path may take before it is a loop, as on Linux. */
+export const MAX_SYMLINK_HOPS = 40;
+
+/** The path does not exist in the image (or a component of it is not a directory). */
+export class FileNotFoundError extends ImageProxyError {
+  /** The path as the caller gave it. */
+  readonly path: string;
+  /** Creates the error for `path`. */
+  constructor(path: string, detail?: string) {
+    super(`No such file in the image: "${path}"${detail ? `: ${detail}` : ""}`);
+    this.name = "FileNotFoundError";
+    this.path = path;
+  }
+}
+
+/** The path exists but is not a regular file (a directory, a device, a FIFO). */
+export class NotAFileError extends ImageProxyError {
+  /** The path as the caller gave it. */
+  readonly path: string;
+  /** What it is instead. */
+  readonly type: FileType;
+  /** Creates the error for `path`, which is a `type`. */
+  constructor(path: string, type: FileType) {
+    super(
+      type === "dir"
+        ? `Cannot read "${path}": it is a directory`
+        : `Cannot read "${path}": it is a ${type}, not a regular file`,
+    );
+    this.name = "NotAFileError";
+    this.path = path;
+    this.type = type;
+  }
+}
+
+/** Resolving the path took more than {@linkcode MAX_SYMLINK_HOPS} symlinks (a loop, as Linux's `ELOOP`). */
+export class SymlinkLoopError extends ImageProxyError {
+  /** The path as the caller gave it. */
+  readonly path: string;
+  /** Creates the error for `path`. */
+  constructor(path: string) {
+    super(`Cannot read "${path}": more than ${MAX_SYMLINK_HOPS} symlinks (a loop?)`);
+    this.name = "SymlinkLoopError";
+    this.path = path;
+  }
+}
+
 /** One layer of an image, bottom first. */
 export interface ImageLayer {
   /** Position in the manifest, from 0 (the bottom layer). */

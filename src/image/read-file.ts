@@ -12,66 +12,25 @@
  * @module
  */
 
-import { ImageProxyError } from "../errors.ts";
 import type { OpenedImage } from "../proxy.ts";
 import {
   entryParts,
+  FileNotFoundError,
   type FileType,
   fileType,
   type ImageLayer,
   imageLayers,
   layerEntries,
   type LayerSource,
+  MAX_SYMLINK_HOPS,
+  NotAFileError,
   OPAQUE,
   type ReadLayerOptions,
   rootParts,
+  SymlinkLoopError,
   WHITEOUT,
 } from "./layers.ts";
 import type { TarEntry, TarHeader } from "./tar.ts";
-import { MAX_SYMLINK_HOPS } from "./view.ts";
-
-/** The path does not exist in the image (or a component of it is not a directory). */
-export class FileNotFoundError extends ImageProxyError {
-  /** The path as the caller gave it. */
-  readonly path: string;
-  /** Creates the error for `path`. */
-  constructor(path: string, detail?: string) {
-    super(`No such file in the image: "${path}"${detail ? `: ${detail}` : ""}`);
-    this.name = "FileNotFoundError";
-    this.path = path;
-  }
-}
-
-/** The path exists but is not a regular file (a directory, a device, a FIFO). */
-export class NotAFileError extends ImageProxyError {
-  /** The path as the caller gave it. */
-  readonly path: string;
-  /** What it is instead. */
-  readonly type: FileType;
-  /** Creates the error for `path`, which is a `type`. */
-  constructor(path: string, type: FileType) {
-    super(
-      type === "dir"
-        ? `Cannot read "${path}": it is a directory`
-        : `Cannot read "${path}": it is a ${type}, not a regular file`,
-    );
-    this.name = "NotAFileError";
-    this.path = path;
-    this.type = type;
-  }
-}
-
-/** Resolving the path took more than {@linkcode MAX_SYMLINK_HOPS} symlinks (a loop, as Linux's `ELOOP`). */
-export class SymlinkLoopError extends ImageProxyError {
-  /** The path as the caller gave it. */
-  readonly path: string;
-  /** Creates the error for `path`. */
-  constructor(path: string) {
-    super(`Cannot read "${path}": more than ${MAX_SYMLINK_HOPS} symlinks (a loop?)`);
-    this.name = "SymlinkLoopError";
-    this.path = path;
-  }
-}
 
 /** What one search from the top (or from a hardlink's layer) found. */
 type Found =

@@ -16,12 +16,14 @@ import type { OpenedImage } from "../proxy.ts";
 import { LayerError } from "./extract.ts";
 import {
   entryParts,
+  FileNotFoundError,
   type FileType,
   fileType,
   type ImageLayer,
   imageLayers,
   layerEntries,
   type LayerSource,
+  MAX_SYMLINK_HOPS,
   OPAQUE,
   type ReadLayerOptions,
   rootParts,
@@ -62,9 +64,6 @@ export interface ViewOptions extends ReadLayerOptions {
   /** List only this path and what lies below it (relative to the root; a leading `/` is allowed). */
   path?: string;
 }
-
-/** The symlink hops a path may take before it is a loop, as on Linux. */
-export const MAX_SYMLINK_HOPS = 40;
 
 /** The identity of a regular file's content, shared by its hardlinks. */
 interface Inode {
@@ -335,6 +334,7 @@ export async function mergedTree(
  * @param options `path` to list a subtree; `verifyDiffIds` (default true); `signal`.
  * @returns the entries, as an async iterator.
  * @throws {DiffIdMismatchError} when a layer's content does not match its diff id.
+ * @throws {FileNotFoundError} when `path` is given and nothing is there.
  * @throws {LayerError} for a malformed layer; `UnsafeEntryError` for an entry naming a path outside the root.
  */
 export async function* listImage(
@@ -344,7 +344,12 @@ export async function* listImage(
 ): AsyncGenerator<FileEntry> {
   const tree = await mergedTree(proxy, image, options);
   const start = options.path === undefined ? [] : rootParts(options.path);
-  for (const { entry } of tree.walk(start)) yield entry;
+  let found = false;
+  for (const { entry } of tree.walk(start)) {
+    found = true;
+    yield entry;
+  }
+  if (!found && start.length > 0) throw new FileNotFoundError(options.path!);
 }
 
 /**

@@ -117,6 +117,18 @@ export const COMMANDS: Record<string, CommandSpec> = {
       "first one that holds PATH or hides it. Symlinks are followed inside the image root. A missing\n" +
       "path or a directory is an error (exit status 1).",
   },
+  export: {
+    operands: ["REF"],
+    usage: "export REF [-o FILE]",
+    summary: "write the flattened file system as one tar (like crane export)",
+    help:
+      "Writes one tar holding the image's final file system: each path once, from the layer that wins,\n" +
+      "no whiteout files, hardlinks kept when their target survives. Each layer is read once, from the\n" +
+      "top; upper layers come first in the archive. The exit status is 0 only when every layer matched\n" +
+      "its diff id.\n\n" +
+      "Options:\n" +
+      "  -o, --output FILE  write to FILE instead of standard output (removed again on failure)",
+  },
 };
 
 /** What the command line asks for. */
@@ -131,7 +143,7 @@ export interface ParsedArgs {
   command: string | undefined;
   /** The command's operands, validated. */
   operands: string[];
-  /** `fetch --output DIR`. */
+  /** `fetch --output DIR`, `export --output FILE`. */
   output: string | undefined;
   /** `fetch --raw-blobs`. */
   rawBlobs: boolean;
@@ -237,9 +249,11 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       flag(parsed);
       continue;
     }
-    if (parsed.command === "fetch" && (name === "--output" || name === "-o")) {
+    if (
+      (parsed.command === "fetch" || parsed.command === "export") && (name === "--output" || name === "-o")
+    ) {
       const value = takeValue();
-      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, "fetch");
+      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, parsed.command);
       parsed.output = value;
       continue;
     }

@@ -10,7 +10,7 @@ import { ImageProxyError } from "../errors.ts";
 import { extractImage, type LayerProgress } from "../image/extract.ts";
 import { writeLayout } from "../image/layout.ts";
 import type { ParsedArgs } from "./args.ts";
-import { cat, ls } from "./inspect.ts";
+import { cat, exportCommand, ls } from "./inspect.ts";
 import type { CliIo } from "./io.ts";
 import type { ProgressLine } from "./progress.ts";
 
@@ -190,4 +190,5 @@ export const HANDLERS: Record<string, (ctx: CommandContext) => Promise<void>> = 
   extract,
   ls,
   cat,
+  export: exportCommand,
 };

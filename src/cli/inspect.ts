@@ -1,5 +1,5 @@
 /**
- * The commands that look inside an image without unpacking it: `ls` and `cat`.
+ * The commands that look inside an image without unpacking it: `ls`, `cat` and `export`.
  *
  * @module
  */
@@ -7,6 +7,9 @@
 import { listImage } from "../image/view.ts";
 import type { FileEntry } from "../image/view.ts";
 import { readFile } from "../image/read-file.ts";
+import { exportImage } from "../image/export.ts";
+import { concat } from "../bytes.ts";
+import { open, rm } from "node:fs/promises";
 import type { CommandContext } from "./commands.ts";
 
 const TYPE_CHARS: Record<FileEntry["type"], string> = {
@@ -87,4 +90,42 @@ export async function cat(ctx: CommandContext): Promise<void> {
   const [, path] = ctx.args.operands;
   const stream = await readFile(ctx.proxy, ctx.image, path, { signal: ctx.signal });
   for await (const chunk of stream) await ctx.io.writeStdout(chunk);
+}
+
+/** Calls `write` with the stream's bytes in pieces of at least 64 KiB (tar headers come 512 bytes at a time). */
+async function batched(stream: ReadableStream<Uint8Array>, write: (bytes: Uint8Array) => Promise<void>) {
+  let pieces: Uint8Array[] = [];
+  let length = 0;
+  for await (const chunk of stream) {
+    pieces.push(chunk);
+    length += chunk.length;
+    if (length >= 1 << 16) {
+      await write(concat(pieces));
+      pieces = [];
+      length = 0;
+    }
+  }
+  if (length > 0) await write(concat(pieces));
+}
+
+/** `export REF [-o FILE]`: the flattened file system as one tar; a failed export leaves no FILE behind. */
+export async function exportCommand(ctx: CommandContext): Promise<void> {
+  const stream = exportImage(ctx.proxy, ctx.image, { signal: ctx.signal });
+  const output = ctx.args.output;
+  if (output === undefined) {
+    await batched(stream, (bytes) => ctx.io.writeStdout(bytes));
+    return;
+  }
+  const handle = await open(output, "w", 0o644);
+  try {
+    await batched(stream, async (bytes) => {
+      let offset = 0;
+      while (offset < bytes.length) offset += (await handle.write(bytes, offset)).bytesWritten;
+    });
+  } catch (err) {
+    await handle.close();
+    await rm(output, { force: true });
+    throw err;
+  }
+  await handle.close();
 }

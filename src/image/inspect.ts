@@ -1,6 +1,6 @@
 /**
  * Looking inside images without unpacking them: the merged file view (whiteouts applied), one file's
- * content, and the layers as verified tar entries. Every reader checks each layer's uncompressed bytes
+ * content, the flattened file system as one tar, and the layers as verified tar entries. Every reader checks each layer's uncompressed bytes
  * against the configuration's `rootfs.diff_ids` as it streams (on by default).
  *
  * @example Listing an image and reading one file
@@ -20,6 +20,7 @@
 
 export { type FileEntry, findInImage, listImage, type ViewOptions } from "./view.ts";
 export { readFile } from "./read-file.ts";
+export { exportImage, type ExportOptions } from "./export.ts";
 export {
   DiffIdMismatchError,
   FileNotFoundError,

@@ -80,6 +80,9 @@ for (const server of SERVERS) {
         };
         const { unpacked } = await compareWithExtract(proxy, image);
         assert.deepEqual(fetched.slice(0, 4), [3, 2, 1, 0], "export reads each layer once, from the top");
+        const reference = tempDir("export-reference");
+        unpackWithGnuTar(stacked.tars, reference);
+        assert.deepEqual(listing(unpacked), listing(reference), "owners and times as the layers say");
         assert.equal(statSync(join(unpacked, "opt/kept")).ino, statSync(join(unpacked, "opt/kept-too")).ino);
         assert.equal(statSync(join(unpacked, "opt/survivor")).nlink, 1);
         assert.equal(

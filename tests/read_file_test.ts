@@ -41,9 +41,9 @@ function fromDeb(pkg: string, path: string): string {
 }
 
 for (const server of SERVERS) {
-  async function withImage(
+  const withImage = async (
     body: (proxy: ImageProxy, image: OpenedImage, fetched: number[]) => Promise<void>,
-  ) {
+  ) => {
     if ("skip" in stacked) return;
     await withProxy(server, async (proxy) => {
       const image = await proxy.openImage(stacked.ref);
@@ -52,7 +52,7 @@ for (const server of SERVERS) {
       await body(proxy, image, fetched);
       await proxy.closeImage(image);
     });
-  }
+  };
 
   test(
     `readFile of a path in the top layer fetches only the top layer (${server.name})`,

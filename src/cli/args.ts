@@ -8,6 +8,7 @@
 import type { ImageProxyConfig } from "../config.ts";
 import { digestProblem, ImageReference } from "../reference.ts";
 import { InvalidReferenceError } from "../errors.ts";
+import { parsePlatform, platformConfig, type PlatformName } from "../image/platforms.ts";
 
 /** The program's name, as help and usage lines show it. */
 export const PROGRAM = "image-proxy";
@@ -129,6 +130,14 @@ export const COMMANDS: Record<string, CommandSpec> = {
       "Options:\n" +
       "  -o, --output FILE  write to FILE instead of standard output (removed again on failure)",
   },
+  platforms: {
+    operands: ["REF"],
+    usage: "platforms REF",
+    summary: "list the platforms of a multi-arch image, one os/arch[/variant] DIGEST per line",
+    help: "Lists the platforms REF is available for, with the digest of each one's manifest. The proxy\n" +
+      "cannot return a manifest list, so this runs `skopeo inspect --raw REF` with the same options.\n" +
+      "Use --platform OS/ARCH[/VARIANT] with any other command to pick one.",
+  },
 };
 
 /** What the command line asks for. */
@@ -149,6 +158,8 @@ export interface ParsedArgs {
   rawBlobs: boolean;
   /** `ls --json`. */
   json: boolean;
+  /** `--platform OS/ARCH[/VARIANT]`, as given (its overrides are in `config`). */
+  platform: string | undefined;
 }
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
@@ -202,6 +213,7 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     output: undefined,
     rawBlobs: false,
     json: false,
+    platform: undefined,
   };
   const words: string[] = [];
   let optionsEnded = false;
@@ -234,6 +246,10 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     };
     if (name === "--tls-verify") {
       parsed.config.insecureSkipTlsVerification = inline === undefined ? false : !parseBoolean(name, inline);
+      continue;
+    }
+    if (name === "--platform") {
+      parsed.platform = takeValue();
       continue;
     }
     const valueOption = VALUE_OPTIONS[name];
@@ -271,6 +287,19 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
   }
   if (parsed.config.policy !== undefined && parsed.config.insecurePolicy) {
     throw new UsageError("options --policy and --insecure-policy conflict", parsed.command);
+  }
+  if (parsed.platform !== undefined) {
+    const { overrideOs, overrideArch, overrideVariant } = parsed.config;
+    if (overrideOs !== undefined || overrideArch !== undefined || overrideVariant !== undefined) {
+      throw new UsageError("option --platform conflicts with the --override-* options", parsed.command);
+    }
+    let platform: PlatformName;
+    try {
+      platform = parsePlatform(parsed.platform);
+    } catch (err) {
+      throw new UsageError((err as Error).message, parsed.command);
+    }
+    parsed.config = platformConfig(parsed.config, platform);
   }
   if (parsed.config.authfile !== undefined && parsed.config.authAnonymous) {
     throw new UsageError("options --authfile and --no-creds conflict", parsed.command);
@@ -323,6 +352,7 @@ const GLOBAL_HELP = `Options (before or after the command):
   --override-arch ARCH      pick ARCH from multi-arch images
   --override-os OS          pick OS from multi-arch images
   --override-variant VAR    pick VARIANT from multi-arch images
+  --platform OS/ARCH[/VAR]  pick this platform from multi-arch images (see platforms REF)
   --skopeo CMD              command that starts skopeo, split on whitespace
                             (default: "setpriv --pdeathsig SIGTERM -- skopeo")
   --debug                   pass --debug to skopeo and show its messages

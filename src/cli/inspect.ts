@@ -1,5 +1,5 @@
 /**
- * The commands that look inside an image without unpacking it: `ls`, `cat` and `export`.
+ * The commands that look inside an image without unpacking it: `ls`, `cat`, `export` and `platforms`.
  *
  * @module
  */
@@ -10,7 +10,8 @@ import { readFile } from "../image/read-file.ts";
 import { exportImage } from "../image/export.ts";
 import { concat } from "../bytes.ts";
 import { open, rm } from "node:fs/promises";
-import type { CommandContext } from "./commands.ts";
+import type { CommandContext, ContextWithoutProxy } from "./commands.ts";
+import { formatPlatform, listPlatforms } from "../image/platforms.ts";
 
 const TYPE_CHARS: Record<FileEntry["type"], string> = {
   file: "-",
@@ -128,4 +129,11 @@ export async function exportCommand(ctx: CommandContext): Promise<void> {
     throw err;
   }
   await handle.close();
+}
+
+/** `platforms REF`: one `os/arch[/variant] DIGEST` line per platform. Returns the exit status. */
+export async function platforms(ctx: ContextWithoutProxy): Promise<number> {
+  const list = await listPlatforms(ctx.args.config, ctx.args.operands[0]);
+  await ctx.io.writeStdout(list.map((p) => `${formatPlatform(p)} ${p.digest}\n`).join(""));
+  return 0;
 }

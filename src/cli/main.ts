@@ -19,7 +19,7 @@
 import { ImageProxy } from "../proxy.ts";
 import type { ImageProxyConfig } from "../config.ts";
 import { commandHelp, mainHelp, parseArgs, type ParsedArgs, UsageError, usageHint } from "./args.ts";
-import { HANDLERS } from "./commands.ts";
+import { HANDLERS, WITHOUT_PROXY } from "./commands.ts";
 import { type CliIo, exitProcess, processIo } from "./io.ts";
 import { ProgressLine } from "./progress.ts";
 
@@ -80,6 +80,8 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
   let proxy: ImageProxy | undefined;
   let status = 0;
   try {
+    const withoutProxy = WITHOUT_PROXY[args.command!];
+    if (withoutProxy) return await withoutProxy({ args, io, signal: controller.signal });
     proxy = await (options.spawn ?? ((config) => ImageProxy.spawn(config)))(args.config);
     controller.signal.throwIfAborted();
     const image = await proxy.openImage(args.operands[0]);

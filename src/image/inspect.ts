@@ -1,6 +1,7 @@
 /**
  * Looking inside images without unpacking them: the merged file view (whiteouts applied), one file's
- * content, the flattened file system as one tar, and the layers as verified tar entries. Every reader checks each layer's uncompressed bytes
+ * content, the flattened file system as one tar, the platforms of a multi-arch image, and the layers as
+ * verified tar entries. Every reader checks each layer's uncompressed bytes
  * against the configuration's `rootfs.diff_ids` as it streams (on by default).
  *
  * @example Listing an image and reading one file
@@ -15,12 +16,23 @@
  * ```
  *
  * @module
- * @tags allow-ffi, allow-run, allow-env
+ * @tags allow-ffi, allow-run, allow-env, allow-read, allow-write
  */
 
 export { type FileEntry, findInImage, listImage, type ViewOptions } from "./view.ts";
 export { readFile } from "./read-file.ts";
 export { exportImage, type ExportOptions } from "./export.ts";
+export {
+  formatPlatform,
+  type ImagePlatform,
+  inspectArgv,
+  InspectError,
+  InvalidPlatformError,
+  listPlatforms,
+  parsePlatform,
+  platformConfig,
+  type PlatformName,
+} from "./platforms.ts";
 export {
   DiffIdMismatchError,
   FileNotFoundError,

@@ -160,6 +160,8 @@ export interface ParsedArgs {
   json: boolean;
   /** `--platform OS/ARCH[/VARIANT]`, as given (its overrides are in `config`). */
   platform: string | undefined;
+  /** `--cache DIR`: the blob cache's directory. */
+  cache: string | undefined;
 }
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
@@ -214,6 +216,7 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     rawBlobs: false,
     json: false,
     platform: undefined,
+    cache: undefined,
   };
   const words: string[] = [];
   let optionsEnded = false;
@@ -248,8 +251,11 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       parsed.config.insecureSkipTlsVerification = inline === undefined ? false : !parseBoolean(name, inline);
       continue;
     }
-    if (name === "--platform") {
-      parsed.platform = takeValue();
+    if (name === "--platform" || name === "--cache") {
+      const value = takeValue();
+      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, parsed.command);
+      if (name === "--platform") parsed.platform = value;
+      else parsed.cache = value;
       continue;
     }
     const valueOption = VALUE_OPTIONS[name];
@@ -353,6 +359,7 @@ const GLOBAL_HELP = `Options (before or after the command):
   --override-os OS          pick OS from multi-arch images
   --override-variant VAR    pick VARIANT from multi-arch images
   --platform OS/ARCH[/VAR]  pick this platform from multi-arch images (see platforms REF)
+  --cache DIR               keep verified blobs in DIR (blobs/sha256/..., shared, 10 GiB at most)
   --skopeo CMD              command that starts skopeo, split on whitespace
                             (default: "setpriv --pdeathsig SIGTERM -- skopeo")
   --debug                   pass --debug to skopeo and show its messages

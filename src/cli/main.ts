@@ -20,6 +20,7 @@ import { ImageProxy } from "../proxy.ts";
 import type { ImageProxyConfig } from "../config.ts";
 import { commandHelp, mainHelp, parseArgs, type ParsedArgs, UsageError, usageHint } from "./args.ts";
 import { HANDLERS, WITHOUT_PROXY } from "./commands.ts";
+import { BlobCache, useBlobCache } from "../image/cache.ts";
 import { type CliIo, exitProcess, processIo } from "./io.ts";
 import { ProgressLine } from "./progress.ts";
 
@@ -83,6 +84,7 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
     const withoutProxy = WITHOUT_PROXY[args.command!];
     if (withoutProxy) return await withoutProxy({ args, io, signal: controller.signal });
     proxy = await (options.spawn ?? ((config) => ImageProxy.spawn(config)))(args.config);
+    if (args.cache !== undefined) useBlobCache(proxy, new BlobCache(args.cache));
     controller.signal.throwIfAborted();
     const image = await proxy.openImage(args.operands[0]);
     await HANDLERS[args.command!]({ proxy, image, args, io, progress, signal: controller.signal });

@@ -1,7 +1,7 @@
 /**
  * Looking inside images without unpacking them: the merged file view (whiteouts applied), one file's
- * content, the flattened file system as one tar, the platforms of a multi-arch image, and the layers as
- * verified tar entries. Every reader checks each layer's uncompressed bytes
+ * content, the flattened file system as one tar, the platforms of a multi-arch image, the layers as
+ * verified tar entries, and an opt-in blob cache on disk. Every reader checks each layer's uncompressed bytes
  * against the configuration's `rootfs.diff_ids` as it streams (on by default).
  *
  * @example Listing an image and reading one file
@@ -22,6 +22,7 @@
 export { type FileEntry, findInImage, listImage, type ViewOptions } from "./view.ts";
 export { readFile } from "./read-file.ts";
 export { exportImage, type ExportOptions } from "./export.ts";
+export { BlobCache, type BlobCacheOptions, DEFAULT_CACHE_BYTES, useBlobCache } from "./cache.ts";
 export {
   formatPlatform,
   type ImagePlatform,

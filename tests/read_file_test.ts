@@ -3,14 +3,15 @@ import assert from "node:assert/strict";
 import type { ImageProxy, OpenedImage } from "../mod.ts";
 import {
   DiffIdMismatchError,
+  exportImage,
   FileNotFoundError,
   NotAFileError,
   readFile,
   SymlinkLoopError,
 } from "../src/image/inspect.ts";
-import { readAll, SERVERS } from "./helpers/env.ts";
+import { assertNoLeakedFds, openFds, readAll, SERVERS } from "./helpers/env.ts";
 import { digestOf, layer, tempDir, writeOciLayout } from "./helpers/cli-helpers.ts";
-import { tar } from "./helpers/fixtures.ts";
+import { buildFixtures, tar } from "./helpers/fixtures.ts";
 import { debPackage, debTar, stackedImage } from "./helpers/stacked.ts";
 import { withProxy } from "./helpers/proxy.ts";
 import { execFileSync } from "node:child_process";
@@ -184,6 +185,25 @@ for (const server of SERVERS) {
         "a lower layer is reached only through a checked one",
       );
       assert.equal(await text(await readFile(proxy, image, "a.txt", { verifyDiffIds: false })), "bottom\n");
+      await proxy.closeImage(image);
+    });
+  });
+}
+
+for (const server of SERVERS) {
+  test(`cancelling readFile's and exportImage's streams early leaves the proxy usable, with no fd left open (${server.name})`, async () => {
+    const f = buildFixtures();
+    await withProxy(server, async (proxy) => {
+      const image = await proxy.openImage(`oci:${f.layout}:latest`);
+      const before = openFds();
+      const partial = (await readFile(proxy, image, "usr/share/big.bin")).getReader();
+      assert.ok(!(await partial.read()).done);
+      await partial.cancel();
+      const tarReader = exportImage(proxy, image).getReader();
+      assert.ok(!(await tarReader.read()).done);
+      await tarReader.cancel();
+      await assertNoLeakedFds(before); // The layers' pipes were closed, not left to the shutdown.
+      assert.equal(await text(await readFile(proxy, image, "etc/motd")), "welcome\n");
       await proxy.closeImage(image);
     });
   });

@@ -1,10 +1,26 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import type { ImageProxy } from "../mod.ts";
-import { DiffIdMismatchError, type FileEntry, findInImage, listImage } from "../src/image/inspect.ts";
-import { SERVERS } from "./helpers/env.ts";
-import { tar } from "./helpers/fixtures.ts";
-import { digestOf, layer, tempDir, writeOciLayout } from "./helpers/cli-helpers.ts";
+import {
+  DiffIdMismatchError,
+  exportImage,
+  type FileEntry,
+  findInImage,
+  listImage,
+  readFile,
+} from "../src/image/inspect.ts";
+import { LayerError, UnsafeEntryError } from "../src/image/extract.ts";
+import { readAll, SERVERS } from "./helpers/env.ts";
+import { noise, tar } from "./helpers/fixtures.ts";
+import {
+  concatBytes,
+  digestOf,
+  layer,
+  padded,
+  rawHeader,
+  tempDir,
+  writeOciLayout,
+} from "./helpers/cli-helpers.ts";
 import { gnuTarListing, stackedImage, type TarListing, unpackWithGnuTar } from "./helpers/stacked.ts";
 import { withProxy } from "./helpers/proxy.ts";
 
@@ -172,6 +188,38 @@ for (const server of SERVERS) {
       const unchecked = await collect(listImage(proxy, image, { verifyDiffIds: false }));
       assert.deepEqual(unchecked.map((e) => e.path), ["a.txt", "b.txt"]);
       await proxy.closeImage(image);
+    });
+  });
+}
+
+for (const server of SERVERS) {
+  test(`the readers refuse an entry outside the root and a layer that is not a tar, with typed errors (${server.name})`, async () => {
+    const escaping = tempDir("view-escape");
+    const evil = concatBytes(
+      rawHeader({ name: "../escaped", type: "0", size: 2 }),
+      padded("x\n"),
+      new Uint8Array(1024),
+    );
+    writeOciLayout(escaping, [layer(evil, "gzip")]);
+    const garbage = tempDir("view-garbage");
+    writeOciLayout(garbage, [layer(noise(4096, 3), "gzip")]);
+    await withProxy(server, async (proxy: ImageProxy) => {
+      const image = await proxy.openImage(`oci:${escaping}:latest`);
+      await assert.rejects(collect(listImage(proxy, image)), (err: unknown) => {
+        assert.ok(err instanceof UnsafeEntryError, `got ${err}`);
+        assert.equal(err.entry, "../escaped");
+        return true;
+      });
+      await assert.rejects(readAll(exportImage(proxy, image)), UnsafeEntryError);
+      await assert.rejects(readFile(proxy, image, "escaped"), UnsafeEntryError);
+      await proxy.closeImage(image);
+      const bad = await proxy.openImage(`oci:${garbage}:latest`);
+      await assert.rejects(collect(listImage(proxy, bad, { verifyDiffIds: false })), (err: unknown) => {
+        assert.ok(err instanceof LayerError, `got ${err}`);
+        assert.match(err.message, /Layer 0 \(sha256:[0-9a-f]+\) is not a valid tar archive/);
+        return true;
+      });
+      await proxy.closeImage(bad);
     });
   });
 }

@@ -189,7 +189,7 @@ export async function* layerEntries(
     }
   } catch (err) {
     if (err instanceof ImageProxyError || signal?.aborted) throw err;
-    const what = (err as Error)?.name === "TarFormatError" ? "not a valid tar archive" : "cannot be read";
+    const what = (err as Error)?.name === "TarFormatError" ? "is not a valid tar archive" : "cannot be read";
     throw new LayerError(
       `Layer ${layer.index} (${layer.digest}) ${what}: ${(err as Error)?.message ?? err}`,
       layer.digest,

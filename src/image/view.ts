@@ -67,15 +67,13 @@ export interface ViewOptions extends ReadLayerOptions {
 
 /** The identity of a regular file's content, shared by its hardlinks. */
 interface Inode {
-  /** The node that brought the content; its `layer` and original path find the bytes. */
+  /** The node that brought the content (it names the file when it survives). */
   origin: Node;
 }
 
 /** A path in the tree being built. */
 interface Node {
   entry: Omit<FileEntry, "path">;
-  /** The path the entry had in its layer (where its bytes are). */
-  layerPath: string;
   children?: Map<string, Node>;
   inode?: Inode;
 }
@@ -122,7 +120,6 @@ export class MergedTree {
   constructor() {
     this.root = {
       entry: { ...directoryEntry({ index: -1, digest: "", size: 0, diffId: undefined }) },
-      layerPath: "",
     };
     this.root.children = new Map();
   }
@@ -145,7 +142,6 @@ export class MergedTree {
         if (create === null) return null;
         next = {
           entry: directoryEntry(create),
-          layerPath: [...resolved, part].join("/"),
           children: new Map(),
         };
         current.children!.set(part, next);
@@ -206,7 +202,7 @@ export class MergedTree {
     const parent = this.directory(parts.slice(0, -1), header.name, layer)!;
     const existing = parent.children!.get(name);
     const entry = entryOf(header, layer);
-    const node: Node = { entry, layerPath: parts.join("/") };
+    const node: Node = { entry };
     if (header.type === "directory") {
       if (existing?.children !== undefined) {
         existing.entry = entry;

@@ -9,7 +9,9 @@ import {
   listImage,
   readFile,
 } from "../src/image/inspect.ts";
-import { LayerError, UnsafeEntryError } from "../src/image/extract.ts";
+import { extractImage, LayerError, UnsafeEntryError } from "../src/image/extract.ts";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { readAll, SERVERS } from "./helpers/env.ts";
 import { noise, tar } from "./helpers/fixtures.ts";
 import {
@@ -220,6 +222,35 @@ for (const server of SERVERS) {
         return true;
       });
       await proxy.closeImage(bad);
+    });
+  });
+}
+
+for (const server of SERVERS) {
+  test(`an entry written through symlinked parents lands where extraction puts it (${server.name})`, async () => {
+    const dir = tempDir("view-through-links");
+    writeOciLayout(dir, [
+      layer(
+        tar([
+          { name: "b/", type: "dir" },
+          { name: "b/c/", type: "dir" },
+          { name: "b/e/", type: "dir" },
+          { name: "l", type: "symlink", linkname: "b/c" },
+          { name: "a", type: "symlink", linkname: "l" },
+          { name: "b/c/d", type: "symlink", linkname: "../e" },
+        ]),
+        "gzip",
+      ),
+      layer(tar([{ name: "a/d/x", content: "through three links\n" }]), "gzip"),
+    ]);
+    const extracted = tempDir("view-through-links-extracted");
+    await withProxy(server, async (proxy: ImageProxy) => {
+      const image = await proxy.openImage(`oci:${dir}:latest`);
+      const paths = (await collect(listImage(proxy, image))).map((e) => e.path);
+      assert.ok(paths.includes("b/e/x"), `b/e/x in ${paths.join(", ")}`);
+      await extractImage(proxy, image, extracted);
+      assert.equal(readFileSync(join(extracted, "b/e/x"), "utf8"), "through three links\n");
+      await proxy.closeImage(image);
     });
   });
 }

@@ -128,50 +128,50 @@ export class MergedTree {
    * The directory node `parts` names, symlinks followed inside the root. With `create`, missing
    * directories are made (as extraction makes them); without, a missing one yields `null`.
    */
-  directory(
+  directory(parts: string[], name: string, create: ImageLayer | null): Node | null {
+    return this.#resolve(parts, name, create, { left: MAX_SYMLINK_HOPS })?.node ?? null;
+  }
+
+  /** {@linkcode MergedTree.directory}, with the real path it reached (relative symlinks start there). */
+  #resolve(
     parts: string[],
     name: string,
     create: ImageLayer | null,
-    hops = { left: MAX_SYMLINK_HOPS },
-  ): Node | null {
+    hops: { left: number },
+  ): { node: Node; real: string[] } | null {
     let current = this.root;
-    const resolved: string[] = [];
+    let real: string[] = [];
     for (const part of parts) {
       let next = current.children!.get(part);
       if (next === undefined) {
         if (create === null) return null;
-        next = {
-          entry: directoryEntry(create),
-          children: new Map(),
-        };
+        next = { entry: directoryEntry(create), children: new Map() };
         current.children!.set(part, next);
       }
       if (next.entry.type === "symlink") {
         if (--hops.left < 0) {
           throw new LayerError(`Cannot resolve the parent of "${name}": too many symlinks`);
         }
-        const target = rootParts(next.entry.linkname, resolved);
-        const real = this.directory(target, name, null, hops);
-        if (real === null) {
+        const target = this.#resolve(rootParts(next.entry.linkname, real), name, null, hops);
+        if (target === null) {
           if (create === null) return null;
           throw new LayerError(
             `Cannot create layer entry "${name}": "${part}" is a symlink that does not resolve`,
           );
         }
-        current = real;
-        resolved.splice(0, resolved.length, ...target);
+        ({ node: current, real } = target);
         continue;
       }
       if (next.children === undefined) {
         if (create === null) return null;
         throw new LayerError(
-          `Cannot create layer entry "${name}": "${[...resolved, part].join("/")}" is not a directory`,
+          `Cannot create layer entry "${name}": "${[...real, part].join("/")}" is not a directory`,
         );
       }
       current = next;
-      resolved.push(part);
+      real = [...real, part];
     }
-    return current;
+    return { node: current, real };
   }
 
   /** Applies one layer's entries (already checked against the layer's diff id). */

@@ -130,6 +130,25 @@ for (const server of SERVERS) {
     },
   );
 
+  test(
+    `readFile searches the layers it already read from memory when a symlink restarts the search (${server.name})`,
+    { skip },
+    async () => {
+      await withImage(async (proxy, image, fetched) => {
+        const cases: [string, number[]][] = [
+          ["srv/absolute", [3, 3]], // Read once to find the symlinks, once more for the file's bytes.
+          ["srv/zones/Asia/Tokyo", [3, 2, 1]],
+          ["usr/share/zoneinfo/Japan", [3, 2, 1, 1]],
+        ];
+        for (const [path, layers] of cases) {
+          fetched.length = 0;
+          await readAll(await readFile(proxy, image, path));
+          assert.deepEqual(fetched, layers, path);
+        }
+      });
+    },
+  );
+
   test(`readFile resolves a hardlink to its target's content as of the hardlink's layer (${server.name})`, {
     skip,
   }, async () => {

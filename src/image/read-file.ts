@@ -10,14 +10,16 @@
  * an extraction and in {@linkcode listImage}'s view; `readFile` finds it only under the name `lib/x`.
  * Layers built from a file system never do this (they hold `usr/lib/x`); crafted ones can.
  *
- * Cost: each symlink that changes the path starts the search again from the top layer, and a hardlink
- * reads its own layer again (its target's bytes came before it in the archive). Nothing is held in
- * memory but the path being resolved.
+ * Cost: each symlink that changes the path starts the search again from the top layer, but the layers
+ * already read to their end in this call are searched again from memory (their entries' headers, no
+ * content), so a layer is fetched a second time only for the content of the file found in it (or of a
+ * hardlink's target, whose bytes came earlier in the archive). Memory: the headers of those layers.
  *
  * @module
  */
 
 import type { OpenedImage } from "../proxy.ts";
+import { LayerError } from "./extract.ts";
 import {
   entryParts,
   FileNotFoundError,
@@ -64,6 +66,7 @@ async function search(
   layers: ImageLayer[],
   parts: string[],
   top: number,
+  scanned: Map<number, TarHeader[]>,
   signal: AbortSignal | undefined,
 ): Promise<Found> {
   const n = parts.length;
@@ -75,13 +78,26 @@ async function search(
     const entries: (TarHeader | undefined)[] = new Array(n + 1).fill(undefined);
     const whiteouts: boolean[] = new Array(n + 1).fill(false);
     let opaqueDepth = Infinity;
-    const iterator = layerEntries(source, image, layers[k], { signal });
+    // A layer read to its end before (an earlier search of this call) is searched again from memory.
+    const known = scanned.get(k);
+    const iterator = known === undefined ? layerEntries(source, image, layers[k], { signal }) : undefined;
+    const record: TarHeader[] = [];
+    let position = 0;
     let finished = false;
     try {
       for (;;) {
-        const next = await iterator.next();
-        if (next.done) break;
-        const header = next.value.header;
+        let header: TarHeader;
+        let entry: TarEntry | undefined;
+        if (known !== undefined) {
+          if (position >= known.length) break;
+          header = known[position++];
+        } else {
+          const next = await iterator!.next();
+          if (next.done) break;
+          entry = next.value;
+          header = entry.header;
+          record.push(header);
+        }
         const names = entryParts(header.name, layers[k].digest);
         const base = names[names.length - 1] ?? "";
         if (base.startsWith(WHITEOUT)) {
@@ -99,13 +115,17 @@ async function search(
         if (i === 0 || !isPrefix(names, parts) || i > visibleDepth || state[i] !== undefined) continue;
         if (i === n && header.type === "file") {
           finished = true;
-          return { kind: "file", header, content: contentThenRest(next.value, iterator) };
+          const content = entry === undefined
+            ? contentOf(source, image, layers[k], header.name, signal)
+            : contentThenRest(entry, iterator!);
+          return { kind: "file", header, content };
         }
         entries[i] = header;
       }
       finished = true;
+      if (known === undefined) scanned.set(k, record);
     } finally {
-      if (!finished) await iterator.return(undefined);
+      if (!finished) await iterator?.return(undefined);
     }
     for (let i = 1; i <= n; i++) {
       if (state[i] !== undefined || i > visibleDepth) continue;
@@ -117,6 +137,31 @@ async function search(
     if (found !== undefined) return found;
   }
   return { kind: "missing" };
+}
+
+/** The content of the entry named `name` in `layer`, fetched again, then the rest of the layer, checked. */
+async function* contentOf(
+  source: LayerSource,
+  image: OpenedImage,
+  layer: ImageLayer,
+  name: string,
+  signal: AbortSignal | undefined,
+): AsyncGenerator<Uint8Array> {
+  const iterator = layerEntries(source, image, layer, { signal });
+  let handedOver = false;
+  try {
+    for (;;) {
+      const next = await iterator.next();
+      if (next.done) break;
+      if (next.value.header.name !== name || next.value.header.type !== "file") continue;
+      handedOver = true;
+      yield* contentThenRest(next.value, iterator);
+      return;
+    }
+  } finally {
+    if (!handedOver) await iterator.return(undefined);
+  }
+  throw new LayerError(`Layer ${layer.index} (${layer.digest}) no longer holds "${name}"`, layer.digest);
 }
 
 /** What the states decided so far say, or `undefined` when a lower layer must be read. */
@@ -191,9 +236,10 @@ export async function readFile(
   let parts = rootParts(path);
   let top = layers.length - 1;
   let hops = 0;
+  const scanned = new Map<number, TarHeader[]>();
   for (;;) {
     if (parts.length === 0) throw new NotAFileError(path, "dir");
-    const found = await search(proxy, image, layers, parts, top, signal);
+    const found = await search(proxy, image, layers, parts, top, scanned, signal);
     switch (found.kind) {
       case "file":
         return streamOf(found.content);

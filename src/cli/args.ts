@@ -133,7 +133,7 @@ export const COMMANDS: Record<string, CommandSpec> = {
   platforms: {
     operands: ["REF"],
     usage: "platforms REF",
-    summary: "list the platforms of a multi-arch image, one os/arch[/variant] DIGEST per line",
+    summary: "list the platforms of a multi-arch image with their digests",
     help: "Lists the platforms REF is available for, with the digest of each one's manifest. The proxy\n" +
       "cannot return a manifest list, so this runs `skopeo inspect --raw REF` with the same options.\n" +
       "Use --platform OS/ARCH[/VARIANT] with any other command to pick one.",
@@ -384,9 +384,10 @@ oci-archive:FILE, docker-archive:FILE, dir:DIR, containers-storage:NAME.
 
 ${GLOBAL_HELP}
 
-Output is JSON on standard output (blob bytes for blob and blob-raw). Exit status: 0 on success,
-1 on failure (one line "error: ..." on standard error), 2 on bad usage. Progress is shown on
-standard error when it is a terminal.
+Output is JSON on standard output (blob bytes for blob and blob-raw; ls, cat, export and
+platforms print what their help says). Exit status: 0 on success, 1 on failure (one line
+"error: ..." on standard error), 2 on bad usage. Progress is shown on standard error when it is a
+terminal.
 `;
 }
 

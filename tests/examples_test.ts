@@ -30,3 +30,24 @@ for (const server of SERVERS) {
     );
   });
 }
+
+const INSPECT = join(ROOT, "examples", "inspect-image.ts");
+
+for (const server of SERVERS) {
+  test(`the inspect example lists /etc and prints a file under ${RUNTIME} (${server.name})`, () => {
+    const command = RUNTIME === "bun"
+      ? [process.execPath, INSPECT]
+      : [process.execPath, "run", "--allow-ffi", "--allow-run", "--allow-env=SKOPEO", INSPECT];
+    const result = spawnSync(command[0], [...command.slice(1), `oci:${fixtures.layout}:latest`, "/bin/sh"], {
+      env: { ...process.env, SKOPEO: server.skopeoCmd.join(" "), NO_COLOR: "1" },
+      encoding: "utf8",
+      timeout: 60_000,
+    });
+    assert.equal(result.status, 0, result.stderr);
+    assert.equal(
+      result.stdout,
+      "dir etc 0 (layer 1)\nfile etc/motd 8 (layer 1)\nfile etc/os-release 34 (layer 0)\n" +
+        "#!/bin/sh\necho hello\n\n",
+    );
+  });
+}

@@ -8,6 +8,7 @@
 import { DEFAULT_BLOB_IDLE_TIMEOUT_MS, type ImageProxyConfig } from "../config.ts";
 import { digestProblem, ImageReference } from "../reference.ts";
 import { InvalidReferenceError } from "../errors.ts";
+import { parsePlatform, platformConfig, type PlatformName } from "../image/platforms.ts";
 
 /** The program's name, as help and usage lines show it. */
 export const PROGRAM = "image-proxy";
@@ -28,6 +29,8 @@ export class UsageError extends Error {
 export interface CommandSpec {
   /** Operand names, in order. */
   operands: string[];
+  /** Operands that may follow the required ones. */
+  optional?: string[];
   /** The usage line after `image-proxy [OPTIONS]`. */
   usage: string;
   /** One line for the command list. */
@@ -100,6 +103,47 @@ export const COMMANDS: Record<string, CommandSpec> = {
       "  --no-same-owner  files belong to the user running this, setuid and setgid bits dropped\n" +
       "                   (the default when not running as root)",
   },
+  ls: {
+    operands: ["REF"],
+    optional: ["PATH"],
+    usage: "ls REF [PATH] [--json]",
+    summary: "list the image's final file system (whiteouts applied), like tar -tv",
+    help:
+      "Lists every path of the image's final file system, as a container sees it, without unpacking it:\n" +
+      "each layer is read once and checked against its diff id. With PATH, only PATH and what lies below.\n" +
+      "Times are UTC; owners are numeric.\n\n" +
+      "Options:\n" +
+      "  --json  one JSON object per line: path, type (file, dir, symlink, hardlink, char, block, fifo),\n" +
+      "          mode, uid, gid, size, mtime, linkname, layer (index from 0, bottom first), layerDigest",
+  },
+  cat: {
+    operands: ["REF", "PATH"],
+    usage: "cat REF PATH",
+    summary: "write one file of the image to standard output",
+    help: "Writes the file at PATH to standard output. Layers are read from the top, and only down to the\n" +
+      "first one that holds PATH or hides it. Symlinks are followed inside the image root. A missing\n" +
+      "path or a directory is an error (exit status 1).",
+  },
+  export: {
+    operands: ["REF"],
+    usage: "export REF [-o FILE]",
+    summary: "write the flattened file system as one tar (like crane export)",
+    help:
+      "Writes one tar holding the image's final file system: each path once, from the layer that wins,\n" +
+      "no whiteout files, hardlinks kept when their target survives. Each layer is read once, from the\n" +
+      "top; upper layers come first in the archive. The exit status is 0 only when every layer matched\n" +
+      "its diff id.\n\n" +
+      "Options:\n" +
+      "  -o, --output FILE  write to FILE instead of standard output (removed again on failure)",
+  },
+  platforms: {
+    operands: ["REF"],
+    usage: "platforms REF",
+    summary: "list the platforms of a multi-arch image with their digests",
+    help: "Lists the platforms REF is available for, with the digest of each one's manifest. The proxy\n" +
+      "cannot return a manifest list, so this runs `skopeo inspect --raw REF` with the same options.\n" +
+      "Use --platform OS/ARCH[/VARIANT] with any other command to pick one.",
+  },
 };
 
 /** What the command line asks for. */
@@ -114,7 +158,7 @@ export interface ParsedArgs {
   command: string | undefined;
   /** The command's operands, validated. */
   operands: string[];
-  /** `fetch --output DIR`. */
+  /** `fetch --output DIR`, `export --output FILE`. */
   output: string | undefined;
   /** `fetch --raw-blobs`. */
   rawBlobs: boolean;
@@ -122,6 +166,12 @@ export interface ParsedArgs {
   overwrite: boolean;
   /** `extract --no-same-owner`: files belong to the user running it, setuid and setgid dropped. */
   noSameOwner: boolean;
+  /** `ls --json`. */
+  json: boolean;
+  /** `--platform OS/ARCH[/VARIANT]`, as given (its overrides are in `config`). */
+  platform: string | undefined;
+  /** `--cache DIR`: the blob cache's directory. */
+  cache: string | undefined;
 }
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
@@ -206,6 +256,9 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     rawBlobs: false,
     overwrite: false,
     noSameOwner: false,
+    json: false,
+    platform: undefined,
+    cache: undefined,
   };
   const words: string[] = [];
   let optionsEnded = false;
@@ -240,6 +293,13 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       parsed.config.insecureSkipTlsVerification = inline === undefined ? false : !parseBoolean(name, inline);
       continue;
     }
+    if (name === "--platform" || name === "--cache") {
+      const value = takeValue();
+      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, parsed.command);
+      if (name === "--platform") parsed.platform = value;
+      else parsed.cache = value;
+      continue;
+    }
     const valueOption = VALUE_OPTIONS[name];
     if (valueOption) {
       const value = takeValue();
@@ -253,9 +313,11 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       flag(parsed);
       continue;
     }
-    if (parsed.command === "fetch" && (name === "--output" || name === "-o")) {
+    if (
+      (parsed.command === "fetch" || parsed.command === "export") && (name === "--output" || name === "-o")
+    ) {
       const value = takeValue();
-      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, "fetch");
+      if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, parsed.command);
       parsed.output = value;
       continue;
     }
@@ -270,10 +332,28 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       else parsed.noSameOwner = true;
       continue;
     }
+    if (parsed.command === "ls" && name === "--json") {
+      if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, "ls");
+      parsed.json = true;
+      continue;
+    }
     throw new UsageError(`unknown option ${name}`, parsed.command);
   }
   if (parsed.config.policy !== undefined && parsed.config.insecurePolicy) {
     throw new UsageError("options --policy and --insecure-policy conflict", parsed.command);
+  }
+  if (parsed.platform !== undefined) {
+    const { overrideOs, overrideArch, overrideVariant } = parsed.config;
+    if (overrideOs !== undefined || overrideArch !== undefined || overrideVariant !== undefined) {
+      throw new UsageError("option --platform conflicts with the --override-* options", parsed.command);
+    }
+    let platform: PlatformName;
+    try {
+      platform = parsePlatform(parsed.platform);
+    } catch (err) {
+      throw new UsageError((err as Error).message, parsed.command);
+    }
+    parsed.config = platformConfig(parsed.config, platform);
   }
   if (parsed.config.authfile !== undefined && parsed.config.authAnonymous) {
     throw new UsageError("options --authfile and --no-creds conflict", parsed.command);
@@ -286,11 +366,12 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
   if (words.length < spec.operands.length) {
     throw new UsageError(`missing ${spec.operands.slice(words.length).join(" ")}`, parsed.command);
   }
-  if (words.length > spec.operands.length) {
-    throw new UsageError(`unexpected argument "${words[spec.operands.length]}"`, parsed.command);
+  const operands = [...spec.operands, ...(spec.optional ?? [])];
+  if (words.length > operands.length) {
+    throw new UsageError(`unexpected argument "${words[operands.length]}"`, parsed.command);
   }
-  for (const [i, operand] of spec.operands.entries()) {
-    const value = words[i];
+  for (const [i, value] of words.entries()) {
+    const operand = operands[i];
     if (operand === "REF") {
       try {
         ImageReference.parse(value);
@@ -329,6 +410,8 @@ const GLOBAL_HELP = `Options (before or after the command):
                             (default ${CLI_REQUEST_TIMEOUT_SECONDS}; 0 waits for ever)
   --blob-idle-timeout SECS  fail a blob that receives no data for SECS seconds
                             (default ${DEFAULT_BLOB_IDLE_TIMEOUT_MS / 1000}; 0 waits for ever)
+  --platform OS/ARCH[/VAR]  pick this platform from multi-arch images (see platforms REF)
+  --cache DIR               keep verified blobs in DIR (blobs/sha256/..., shared, 10 GiB at most)
   --skopeo CMD              command that starts skopeo, split on whitespace
                             (default: "setpriv --pdeathsig SIGTERM -- skopeo")
   --debug                   pass --debug to skopeo and show its messages
@@ -353,9 +436,10 @@ oci-archive:FILE, docker-archive:FILE, dir:DIR, containers-storage:NAME.
 
 ${GLOBAL_HELP}
 
-Output is JSON on standard output (blob bytes for blob and blob-raw). Exit status: 0 on success,
-1 on failure (one line "error: ..." on standard error), 2 on bad usage. Progress is shown on
-standard error when it is a terminal.
+Output is JSON on standard output (blob bytes for blob and blob-raw; ls, cat, export and
+platforms print what their help says). Exit status: 0 on success, 1 on failure (one line
+"error: ..." on standard error), 2 on bad usage. Progress is shown on standard error when it is a
+terminal.
 `;
 }
 

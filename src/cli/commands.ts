@@ -11,6 +11,7 @@ import { METHOD_VERSIONS } from "../protocol.ts";
 import { extractImage, type LayerProgress } from "../image/extract.ts";
 import { writeLayout } from "../image/layout.ts";
 import type { ParsedArgs } from "./args.ts";
+import { cat, exportCommand, ls, platforms } from "./inspect.ts";
 import type { CliIo } from "./io.ts";
 import type { ProgressLine } from "./progress.ts";
 
@@ -204,4 +205,18 @@ export const HANDLERS: Record<string, (ctx: CommandContext) => Promise<void>> = 
   "blob-raw": blobRaw,
   fetch: fetchImage,
   extract,
+  ls,
+  cat,
+  export: exportCommand,
+};
+
+/** What a command that needs no proxy gets; it returns the exit status. */
+export type ContextWithoutProxy = Pick<CommandContext, "args" | "io" | "signal">;
+
+/**
+ * The commands that run without a proxy and without opening REF first (`platforms`: opening a manifest
+ * list resolves it to one platform, or fails when the list lacks this machine's).
+ */
+export const WITHOUT_PROXY: Record<string, (ctx: ContextWithoutProxy) => Promise<number>> = {
+  platforms,
 };

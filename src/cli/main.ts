@@ -27,7 +27,8 @@ import {
   UsageError,
   usageHint,
 } from "./args.ts";
-import { HANDLERS } from "./commands.ts";
+import { HANDLERS, WITHOUT_PROXY } from "./commands.ts";
+import { BlobCache, useBlobCache } from "../image/cache.ts";
 import { type CliIo, exitProcess, processIo, writeStderrLines } from "./io.ts";
 import { ProgressLine } from "./progress.ts";
 
@@ -88,8 +89,11 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
   let proxy: ImageProxy | undefined;
   let status = 0;
   try {
+    const withoutProxy = WITHOUT_PROXY[args.command!];
+    if (withoutProxy) return await withoutProxy({ args, io, signal: controller.signal });
     const spawnConfig = { requestTimeoutMs: CLI_REQUEST_TIMEOUT_SECONDS * 1000, ...args.config };
     proxy = await (options.spawn ?? ((config) => ImageProxy.spawn(config)))(spawnConfig);
+    if (args.cache !== undefined) useBlobCache(proxy, new BlobCache(args.cache));
     controller.signal.throwIfAborted();
     const image = await proxy.openImage(args.operands[0]);
     await HANDLERS[args.command!]({ proxy, image, args, io, progress, signal: controller.signal });

@@ -11,7 +11,7 @@ import { ImageProxyError } from "../errors.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
 import { decompress } from "./decompress.ts";
 import { LayerError, UnsafeEntryError } from "./extract.ts";
-import { readTar, type TarEntry, type TarEntryType } from "./tar.ts";
+import { readTar, type TarEntry, type TarEntryType, TarFormatError } from "./tar.ts";
 
 /** The proxy methods the image readers use (an {@linkcode ImageProxy} has them all). */
 export type LayerSource = Pick<ImageProxy, "fetchManifest" | "fetchConfig" | "getBlob">;
@@ -189,7 +189,7 @@ export async function* layerEntries(
     }
   } catch (err) {
     if (err instanceof ImageProxyError || signal?.aborted) throw err;
-    const what = (err as Error)?.name === "TarFormatError" ? "is not a valid tar archive" : "cannot be read";
+    const what = err instanceof TarFormatError ? "is not a valid tar archive" : "cannot be read";
     throw new LayerError(
       `Layer ${layer.index} (${layer.digest}) ${what}: ${(err as Error)?.message ?? err}`,
       layer.digest,

@@ -68,7 +68,10 @@ export interface FileSink {
  * Requests are never concurrent: the core sends the next one only after the previous reply arrived.
  */
 export interface Transport {
-  /** Sends one request packet and resolves with the one reply packet and its fds. */
+  /**
+   * Sends one request packet and resolves with the one reply packet and its fds. A reply carrying an
+   * fd that is not a pipe (the proxy sends nothing else) rejects with a `ProtocolError`, every fd closed.
+   */
   request(packet: Uint8Array): Promise<ReceivedPacket>;
   /**
    * Optional fast path of {@linkcode Transport.request}: sends `packet` and returns the reply itself

@@ -7,6 +7,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ProtocolError, type Transport, type TransportFactory } from "../mod.ts";
 import {
@@ -202,6 +204,32 @@ test("a reply whose fds were cut is a ProtocolError, with the fds that came clos
     assert.deepEqual(openPipes(), before, "every fd that came is closed");
   });
 });
+
+for (const kind of ["file", "dir", "zero", "null", "socket"]) {
+  test(`a received fd that is not a pipe (${kind}) is refused with a ProtocolError and closed, with the rest of its reply`, async () => {
+    const scratch = mkdtempSync(join(tmpdir(), "cip-transport-"));
+    const path = kind === "dir" ? scratch : kind === "file" ? join(scratch, "file") : `/dev/${kind}`;
+    if (kind === "file") writeFileSync(path, "f".repeat(100_000));
+    try {
+      await withPeer(async (t) => {
+        // What a refused reply would leave open: its pipe, and the fd of another kind.
+        const leftOpen = () =>
+          [...openFds().values()].filter((target) => /^(pipe|socket):/.test(target) || target === path)
+            .sort();
+        const before = leftOpen();
+        await assert.rejects(ask(t, { op: "not-pipe", kind, path }), (err: unknown) => {
+          assert.ok(err instanceof ProtocolError, String(err));
+          assert.match(err.message, /not a pipe \(fd 2 of 2\)/);
+          return true;
+        });
+        assert.deepEqual(leftOpen(), before, "every fd of the reply is closed");
+        assert.equal((await ask(t, { op: "echo", fds: 0 })).value, "echo", "the next request still works");
+      });
+    } finally {
+      rmSync(scratch, { recursive: true, force: true });
+    }
+  });
+}
 
 test("close() kills a child that ignores end of file once its grace is over", async () => {
   const before = openFds();

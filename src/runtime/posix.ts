@@ -243,6 +243,23 @@ function checkReply(n: number, fds: number[], flags: number, closeFd: (fd: numbe
   }
 }
 
+/**
+ * Closes every fd of a reply and throws a `ProtocolError` when one of them is not a pipe. The image
+ * proxy sends pipes only, and the readers rely on it: in a pipe's place a regular file would be read
+ * as blob bytes, /dev/zero read forever, and a directory or socket refused by a runtime's reader with
+ * an untyped error, its fd left open. `F_GETPIPE_SZ` succeeds on pipes (and FIFOs) alone: one `fcntl`
+ * per received fd, which every adapter binds already.
+ */
+function refuseNonPipes(sys: Syscalls, fds: number[]): void {
+  const index = fds.findIndex((fd) => sys.fcntl(fd, F_GETPIPE_SZ, 0) <= 0);
+  if (index < 0) return;
+  for (const fd of fds) sys.close(fd);
+  const which = `${index + 1} of ${fds.length}`;
+  throw new ProtocolError(
+    `Reply carried a file descriptor that is not a pipe (fd ${which}): expected pipes only`,
+  );
+}
+
 /** A {@linkcode Transport} over a runtime's {@linkcode PosixRuntime}. */
 class PosixTransport implements Transport {
   readonly exited: Promise<ChildExit>;
@@ -317,6 +334,7 @@ class PosixTransport implements Transport {
     const packet = { data: data.slice(0, n), fds };
     this.#receiver.release();
     checkReply(n, fds, header.flags, (fd) => this.closeFd(fd));
+    refuseNonPipes(this.#sys, fds);
     return packet;
   }
 

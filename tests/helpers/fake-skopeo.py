@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 
 scenario = os.environ.get("FAKE_SCENARIO", "normal")
@@ -72,6 +73,27 @@ def log_call(method):
         with open(os.environ["FAKE_LOG"], "a") as log:
             log.write(method + "\n")
     return calls[method]
+
+
+def foreign_fd(kind):
+    """An fd of `kind` that is not a pipe, for a reply that should carry pipes only (scenario "notpipe")."""
+    if kind == "file":
+        fd, path = tempfile.mkstemp(prefix="cip-notpipe-")
+        os.write(fd, b"f" * 100000)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd, [fd], path
+    if kind == "dir":
+        path = tempfile.mkdtemp(prefix="cip-notpipe-")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        return fd, [fd], path
+    if kind == "socket":
+        a, b = socket.socketpair()
+        b.send(b"s" * 1000)
+        return a.fileno(), [a.detach(), b.detach()], None
+    fd = os.open("/dev/" + kind, os.O_RDONLY)  # "zero" or "null"
+    return fd, [fd], "/dev/" + kind
+
+
 while True:
     try:
         msg = sock.recv(1 << 16)
@@ -101,7 +123,30 @@ while True:
         else:
             reply(None)
         continue
-    if scenario == "slow" and method == "OpenImage":
+    if scenario == "notpipe" and method == os.environ["FAKE_FD_ON"] and log_call(method) == 1:
+        # The first call of FAKE_FD_ON gets an fd of kind FAKE_FD_KIND where a pipe belongs (in slot
+        # FAKE_FD_SLOT of GetRawBlob's two); later calls are served normally. FAKE_FD_PATH receives
+        # the path the fd points to, for the test to look for it among its own fds.
+        bad, owned, path = foreign_fd(os.environ["FAKE_FD_KIND"])
+        if os.environ.get("FAKE_FD_PATH"):
+            with open(os.environ["FAKE_FD_PATH"], "w") as out:
+                out.write(path or "")
+        if method == "GetRawBlob":
+            r, w = os.pipe()
+            os.close(w)
+            fds = [bad, r] if os.environ.get("FAKE_FD_SLOT", "0") == "0" else [r, bad]
+            reply(int(os.environ.get("FAKE_RAW_BYTES", "200000")), fds=fds)
+            owned.append(r)
+        elif method == "GetBlob":
+            reply(int(args[2]), pipeid=bad, fds=[bad])
+        else:
+            reply(1, fds=[bad])
+        for fd in owned:
+            os.close(fd)
+        # The client's fd (if still open) now points to "PATH (deleted)": nothing is left behind.
+        if path and path.startswith(tempfile.gettempdir()):
+            (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+    elif scenario == "slow" and method == "OpenImage":
         time.sleep(float(os.environ.get("FAKE_DELAY", "1.5")))
         reply(1)
     elif scenario == "hang" and method == "OpenImage":

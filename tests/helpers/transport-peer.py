@@ -76,6 +76,20 @@ while True:
         r, w = os.pipe()
         os.close(r)
         send_and_close(op, [w])
+    elif op == "not-pipe":
+        # A pipe, then an fd of another kind ("file" or "dir": cmd["path"]; "zero", "null", "socket").
+        kind = cmd["kind"]
+        if kind == "socket":
+            a, b = socket.socketpair()
+            b.send(b"s" * 1000)
+            other = [a.detach(), b.detach()]
+        elif kind == "dir":
+            other = [os.open(cmd["path"], os.O_RDONLY | os.O_DIRECTORY)]
+        else:
+            other = [os.open(cmd["path"] if kind == "file" else "/dev/" + kind, os.O_RDONLY)]
+        send_and_close(op, [pipe_with(b"p"), other[0]])
+        for fd in other[1:]:
+            os.close(fd)
     elif op == "full":
         r, w = os.pipe()
         os.set_blocking(w, False)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: deno test and bun test on tests/ (both skopeo servers, a real registry), the
-# CLI tests again against the `bun build --compile` single binary, a type check of the doc examples,
-# and short runs of the benchmark and soak so they cannot rot. Installs what it needs first (.ci/setup
-# is idempotent).
+# The whole test suite: deno test, bun test and node --test on tests/ (both skopeo servers, a real
+# registry), the CLI tests again against the `bun build --compile` single binary, a type check of the
+# doc examples, and short runs of the benchmark and soak so they cannot rot. Installs what it needs
+# first (.ci/setup is idempotent).
 # Ends with one line: "N passed, N failed", summing every runner.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,12 @@ timeout 900 deno test "${DENO_PERMS[@]}" --junit-path="$reports/deno.xml" tests/
 
 echo "== bun test"
 timeout 900 bun test --timeout 120000 --reporter=junit --reporter-outfile="$reports/bun.xml" tests/
+
+echo "== node test"
+# Node runs the TypeScript files through the tsx loader (a devDependency, installed by .ci/setup);
+# node 20 finds no .ts test file in a folder by itself, hence the glob.
+timeout 900 node --import tsx --test --test-reporter=spec --test-reporter-destination=stdout \
+  --test-reporter=junit --test-reporter-destination="$reports/node.xml" tests/*_test.ts
 
 echo "== the CLI tests against the bun build --compile binary"
 rm -f dist/image-proxy-bun
@@ -46,5 +52,5 @@ extra+=("soak --quick under deno=$?")
 timeout 300 bun bench/soak.ts --quick
 extra+=("soak --quick under bun=$?")
 
-node scripts/junit-summary.mjs "$reports/deno.xml" "$reports/bun.xml" "$reports/binary.xml" \
+node scripts/junit-summary.mjs "$reports/deno.xml" "$reports/bun.xml" "$reports/node.xml" "$reports/binary.xml" \
   "${extra[@]/#/--check=}"

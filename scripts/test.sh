@@ -41,7 +41,7 @@ echo "== deno check --doc (the examples in the module docs and in README.md type
 (timeout 300 deno check --doc mod.ts src/ && timeout 120 deno check --doc-only README.md)
 extra+=("deno check --doc=$?")
 
-echo "== bench/run.ts --quick (our client under Deno and under Bun)"
+echo "== bench/run.ts --quick (our client under Deno, Bun and Node)"
 timeout 600 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/run.ts --quick
 extra+=("bench --quick=$?")
 

@@ -45,12 +45,14 @@ echo "== bench/run.ts --quick (our client under Deno, Bun and Node)"
 timeout 600 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/run.ts --quick
 extra+=("bench --quick=$?")
 
-echo "== bench/soak.ts --quick (Deno, then Bun)"
+echo "== bench/soak.ts --quick (Deno, then Bun, then Node)"
 timeout 300 deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi --v8-flags=--expose-gc \
   bench/soak.ts --quick
 extra+=("soak --quick under deno=$?")
 timeout 300 bun bench/soak.ts --quick
 extra+=("soak --quick under bun=$?")
+timeout 300 node --expose-gc --import tsx bench/soak.ts --quick
+extra+=("soak --quick under node=$?")
 
 node scripts/junit-summary.mjs "$reports/deno.xml" "$reports/bun.xml" "$reports/node.xml" "$reports/binary.xml" \
   "${extra[@]/#/--check=}"

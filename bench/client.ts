@@ -1,5 +1,5 @@
 /**
- * One measurement with our client, in a fresh process of whichever runtime runs it (Deno or Bun):
+ * One measurement with our client, in a fresh process of whichever runtime runs it (Deno, Bun or Node):
  * bench/run.ts starts it once per run and reads the one JSON line it prints. Runtime-agnostic: only
  * `node:` modules and the library's public API.
  *
@@ -17,6 +17,7 @@ import { open } from "node:fs/promises";
 import { join } from "node:path";
 import process from "node:process";
 import type * as Library from "../mod.ts";
+import { isEntryModule } from "../src/cli/io.ts";
 
 // BENCH_LIB (run.ts --lib DIR) measures a scratch copy of the library instead of this checkout.
 const { ImageProxy, OpenedImage, RequestError }: typeof Library = await import(
@@ -178,7 +179,8 @@ async function fetchToLayout(proxy: ImageProxy, img: OpenedImage, dir: string): 
   return sizes.reduce((a, b) => a + b, 0);
 }
 
-if (import.meta.main) {
+// Node before 24 has no import.meta.main: the CLI's test for the entry module covers it.
+if (isEntryModule(import.meta)) {
   const task = JSON.parse(process.argv[process.argv.length - 1]) as ClientTask;
   try {
     const result = await run(task);

@@ -4,10 +4,11 @@
  *
  *   deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/run.ts [options]
  *   bun bench/run.ts [options]
+ *   node --import tsx bench/run.ts [options]
  *
- * Options: `--quick` (small blobs, one run each: the CI smoke run), `--runs N`, `--runtime deno|bun`
- * (which runtime runs our client; default: both, one after the other, each against its own baseline
- * runs, in one table), `--server NAME` (substring
+ * Options: `--quick` (small blobs, one run each: the CI smoke run), `--runs N`, `--runtime
+ * deno|bun|node` (which runtime runs our client; repeatable; default: all three, one after the other,
+ * each against its own baseline runs, in one table), `--server NAME` (substring
  * of "skopeo 1.22.0", repeatable), `--only METRIC` (substring, repeatable), `--out FILE` (also write
  * the table), `--json FILE` (every run's raw result, one JSON line each), `--lib DIR` (measure a
  * scratch copy of the library, DIR/mod.ts, instead of this checkout: for trying changes to src/),
@@ -41,7 +42,8 @@ const DENO_PERMISSIONS = ["--allow-read", "--allow-write", "--allow-run", "--all
 /** A run that takes longer than this is killed (its skopeo dies with it through setpriv). */
 const RUN_TIMEOUT_MS = 300_000;
 
-type Runtime = "deno" | "bun";
+const RUNTIMES = ["deno", "bun", "node"] as const;
+type Runtime = typeof RUNTIMES[number];
 
 interface Options {
   quick: boolean;
@@ -61,7 +63,7 @@ function parseOptions(argv: string[]): Options {
   const options: Options = {
     quick: false,
     runs: 5,
-    runtimes: ["deno", "bun"],
+    runtimes: [],
     servers: [],
     only: [],
     fetch: "auto",
@@ -80,9 +82,10 @@ function parseOptions(argv: string[]): Options {
         if (!Number.isInteger(options.runs) || options.runs < 1) usage("--runs needs a positive integer");
         break;
       case "--runtime": {
-        const runtime = value();
-        if (runtime !== "deno" && runtime !== "bun") usage('--runtime is "deno" or "bun"');
-        options.runtimes = [runtime];
+        const name = value();
+        const runtime = RUNTIMES.find((r) => r === name);
+        if (!runtime) usage('--runtime is "deno", "bun" or "node"');
+        options.runtimes.push(runtime);
         break;
       }
       case "--server":
@@ -116,11 +119,12 @@ function parseOptions(argv: string[]): Options {
     }
   }
   if (options.quick && !runsGiven) options.runs = 1;
+  if (options.runtimes.length === 0) options.runtimes = [...RUNTIMES];
   return options;
 }
 
 function usage(problem?: string): never {
-  const text = "usage: bench/run.ts [--quick] [--runs N] [--runtime deno|bun] [--server NAME]... " +
+  const text = "usage: bench/run.ts [--quick] [--runs N] [--runtime deno|bun|node]... [--server NAME]... " +
     "[--only METRIC]... [--out FILE] [--json FILE] [--lib DIR] [--fetch auto|own]\n";
   process.stderr.write(problem ? `error: ${problem}\n${text}` : text);
   process.exit(problem ? 2 : 0);
@@ -233,13 +237,16 @@ function buildLayout(work: string, bigSize: number, partSize: number): Fixture {
 
 type Result = Record<string, number> & { wallSeconds: number };
 
+/** The command that runs a TypeScript file under `runtime` (Node through the `tsx` loader). */
 function runtimeCommand(runtime: Runtime): string[] {
-  const current = "Bun" in globalThis ? "bun" : "deno";
+  const current = "Bun" in globalThis ? "bun" : "Deno" in globalThis ? "deno" : "node";
   const binary = runtime === current
     ? process.execPath
     : [join(ROOT, ".tools", "bin", runtime)].find(existsSync) ??
       runtime;
-  return runtime === "deno" ? [binary, "run", ...DENO_PERMISSIONS] : [binary];
+  if (runtime === "deno") return [binary, "run", ...DENO_PERMISSIONS];
+  if (runtime === "node") return [binary, "--import", "tsx"];
+  return [binary];
 }
 
 /** Runs a command to completion; returns its last stdout line parsed as JSON, plus the wall time. */

@@ -7,6 +7,7 @@
  *
  *   deno run --allow-read --allow-write --allow-run --allow-env --allow-ffi bench/soak.ts [options]
  *   bun bench/soak.ts [options]
+ *   node --expose-gc --import tsx bench/soak.ts [options]
  *
  * (Deno measures the heap after a collection only with `--v8-flags=--expose-gc`; Bun always does.)
  *

@@ -1,7 +1,8 @@
 // Fetches an image's manifest and streams every layer, verified, printing one line per layer.
-// The same file runs under Bun and Deno:
+// The same file runs under Bun, Deno and Node:
 //   bun examples/fetch-layers.ts oci:/path/to/layout:tag
 //   deno run --allow-ffi --allow-run examples/fetch-layers.ts oci:/path/to/layout:tag
+//   node --import tsx examples/fetch-layers.ts oci:/path/to/layout:tag
 // SKOPEO (optional) is the command that starts skopeo, split on spaces.
 import { ImageProxy } from "../mod.ts";
 

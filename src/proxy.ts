@@ -322,7 +322,7 @@ export class ImageProxy implements AsyncDisposable {
 
   /**
    * Whether {@linkcode ImageProxy.saveBlob} is available: the runtime adapter can move a pipe's bytes
-   * into a file itself. The Deno and Bun adapters can; a transport without `openFileSink` cannot.
+   * into a file itself. The Deno, Bun and Node adapters can; a transport without `openFileSink` cannot.
    */
   get canSaveBlobs(): boolean {
     return this.#connection.transport.openFileSink !== undefined;

@@ -18,7 +18,7 @@ import {
   readAll,
   readProcFile,
   ROOT,
-  RUNTIME,
+  scriptCommand,
   type Server,
   SERVERS,
   waitFor,
@@ -568,17 +568,21 @@ for (const server of SERVERS) {
 }
 
 /** A child runtime process running tests/helpers/concurrency-child.ts, read line by line. */
-function startChild(server: Server, options: { ref: string; mode: "hang" | "idle" }) {
+function startChild(server: Server, options: { ref: string; mode: "hang" | "idle" | "leave" }) {
   const script = join(ROOT, "tests", "helpers", "concurrency-child.ts");
   const argument = JSON.stringify({
     // The system skopeo is what the default prefix starts: leave it to the default.
     binary: server.binary[0] === "skopeo" ? undefined : server.binary,
     ...options,
   });
-  const argv = RUNTIME === "deno"
-    ? ["run", "--allow-ffi", "--allow-run", "--allow-env", "--allow-read", "--allow-write", script, argument]
-    : [script, argument];
-  const proc = spawn(process.execPath, argv, { stdio: ["pipe", "pipe", "pipe"] });
+  const [command, ...args] = scriptCommand(script, [
+    "--allow-ffi",
+    "--allow-run",
+    "--allow-env",
+    "--allow-read",
+    "--allow-write",
+  ]);
+  const proc = spawn(command, [...args, argument], { stdio: ["pipe", "pipe", "pipe"] });
   let stderr = "";
   proc.stderr!.on("data", (chunk) => stderr += chunk);
   const lines = createInterface({ input: proc.stdout! })[Symbol.asyncIterator]();
@@ -636,3 +640,17 @@ test(
     }
   },
 );
+
+for (const server of SERVERS) {
+  test(`a program that leaves its proxy idle ends by itself, and skopeo with it (${server.name})`, async () => {
+    const child = startChild(server, { ref: fixture.ref, mode: "leave" });
+    try {
+      const { pid } = await within(child.next(), 20_000, "the child to start") as { pid: number };
+      // Nothing of the proxy's (the child process, its stderr pipe, the socket) may hold the program.
+      assert.equal(await within(child.exited, 10_000, "the program to end by itself"), 0);
+      await waitFor(() => !processAlive(pid), 5000, `skopeo ${pid} to exit with its parent`);
+    } finally {
+      child.kill();
+    }
+  });
+}

@@ -1,20 +1,18 @@
 // The README's example script runs, unchanged, under the runtime running the tests (so CI runs the Bun
-// script under Bun and the same file under Deno).
+// script under Bun and the same file under Deno and under Node).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { buildFixtures } from "./helpers/fixtures.ts";
-import { ROOT, RUNTIME, SERVERS } from "./helpers/env.ts";
+import { ROOT, RUNTIME, scriptCommand, SERVERS } from "./helpers/env.ts";
 
 const fixtures = buildFixtures();
 const SCRIPT = join(ROOT, "examples", "fetch-layers.ts");
 
 for (const server of SERVERS) {
   test(`the README's example streams and verifies every layer under ${RUNTIME} (${server.name})`, () => {
-    const command = RUNTIME === "bun"
-      ? [process.execPath, SCRIPT]
-      : [process.execPath, "run", "--allow-ffi", "--allow-run", "--allow-env=SKOPEO", SCRIPT];
+    const command = scriptCommand(SCRIPT, ["--allow-ffi", "--allow-run", "--allow-env=SKOPEO"]);
     const ref = `oci:${fixtures.layout}:latest`;
     const result = spawnSync(command[0], [...command.slice(1), ref], {
       env: { ...process.env, SKOPEO: server.skopeoCmd.join(" "), NO_COLOR: "1" },

@@ -26,6 +26,7 @@ import {
 const ADAPTERS: Record<string, () => Promise<TransportFactory>> = {
   deno: async () => (await import("../src/runtime/deno.ts")).denoTransport,
   bun: async () => (await import("../src/runtime/bun.ts")).bunTransport,
+  node: async () => (await import("../src/runtime/node.ts")).nodeTransport,
 };
 
 const RUNTIME = "Bun" in globalThis ? "bun" : "Deno" in globalThis ? "deno" : "node";

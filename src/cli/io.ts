@@ -1,12 +1,14 @@
 /**
  * The command line's contact with its runtime, behind one small interface: arguments, the two output
  * streams, whether standard error is a terminal, interrupts and the exit. `node:process` provides all
- * of it in both Deno and Bun; tests supply their own.
+ * of it in Deno, Bun and Node; tests supply their own.
  *
  * @module
  */
 
+import { realpathSync } from "node:fs";
 import process from "node:process";
+import { fileURLToPath } from "node:url";
 
 /** What the command line needs from the runtime. */
 export interface CliIo {
@@ -97,6 +99,25 @@ export function processIo(): CliIo {
       };
     },
   };
+}
+
+/**
+ * Whether the module of `meta` is the program's entry point: `import.meta.main` where the runtime has
+ * it (Deno, Bun, Node 24), else (Node 20 and 22) whether it is the script Node was started with.
+ *
+ * @param meta The module's `import.meta`.
+ * @returns True for the entry module.
+ */
+export function isEntryModule(meta: ImportMeta): boolean {
+  const main = (meta as { main?: boolean }).main;
+  if (typeof main === "boolean") return main;
+  const script = process.argv[1];
+  if (!script || !meta.url.startsWith("file:")) return false;
+  try {
+    return realpathSync(script) === realpathSync(fileURLToPath(meta.url));
+  } catch {
+    return false;
+  }
 }
 
 /** Ends the process with `code` once standard output and standard error took what was written. */

@@ -1,11 +1,12 @@
 /**
  * The `image-proxy` command line: inspect, fetch and unpack container images through skopeo's
- * `experimental-image-proxy`, from Deno or Bun.
+ * `experimental-image-proxy`, from Deno, Bun or Node.
  *
  * ```sh
  * deno run --allow-ffi --allow-run --allow-env --allow-read --allow-write jsr:@cip/containers-image-proxy/cli \
  *   metadata docker://quay.io/libpod/alpine:latest
  * bun src/cli/main.ts fetch oci:/srv/images/app:1 --output ./app-layout
+ * node --import tsx src/cli/main.ts layers oci:/srv/images/app:1
  * ```
  *
  * JSON goes to standard output (blob bytes for `blob` and `blob-raw`); exit status 0 on success, 1
@@ -29,7 +30,7 @@ import {
 } from "./args.ts";
 import { HANDLERS, WITHOUT_PROXY } from "./commands.ts";
 import { BlobCache, useBlobCache } from "../image/cache.ts";
-import { type CliIo, exitProcess, processIo, writeStderrLines } from "./io.ts";
+import { type CliIo, exitProcess, isEntryModule, processIo, writeStderrLines } from "./io.ts";
 import { ProgressLine } from "./progress.ts";
 
 export type { CliIo } from "./io.ts";
@@ -124,6 +125,6 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
 
 export { processIo };
 
-if (import.meta.main) {
+if (isEntryModule(import.meta)) {
   await exitProcess(await run(processIo()));
 }

@@ -159,10 +159,12 @@ export function gunzip(input: ReadableStream<Uint8Array>): ReadableStream<Uint8A
 
 /** zstd, every frame, one block at a time. */
 export function zstdDecompress(input: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
-  if (detectRuntime() !== "bun") return workerZstdDecompress(input);
+  if (detectRuntime() === "deno") return workerZstdDecompress(input);
   const create = (zlib as unknown as { createZstdDecompress?: () => NodeTransform }).createZstdDecompress;
   if (typeof create !== "function") {
-    throw new LayerError("This runtime's node:zlib cannot decompress zstd: upgrade Bun to a current release");
+    throw new LayerError(
+      "This runtime's node:zlib cannot decompress zstd: run Node 22.15 or newer, or a current Bun or Deno",
+    );
   }
   async function* bytes() {
     let batch: Uint8Array[] = [];

@@ -20,25 +20,14 @@
 import { createHash } from "node:crypto";
 import { cannotStart } from "../errors.ts";
 import type { FdStreamOptions, Hasher, SpawnRequest, TransportFactory } from "../transport.ts";
-import {
-  F_GETFD,
-  F_SETFD,
-  F_SETPIPE_SZ,
-  FD_CLOEXEC,
-  MSG_CMSG_CLOEXEC,
-  MSG_DONTWAIT,
-  resetMsghdr,
-} from "./libc.ts";
-import { BLOB_READ, type PoolCalls, poolFileSink, poolStream, SMALL_READ } from "./pool.ts";
+import { F_GETFD, F_SETFD, F_SETPIPE_SZ, FD_CLOEXEC } from "./libc.ts";
+import { BLOB_READ, type PoolCalls, poolFileSink, PoolReceiver, poolStream, SMALL_READ } from "./pool.ts";
 import {
   type ChildProcess,
   type InheritedFds,
-  packReceiveBuffers,
   type PosixRuntime,
   posixTransportFactory,
   readStderr,
-  type ReceiveBuffers,
-  type Receiver,
   type Syscalls,
 } from "./posix.ts";
 import { socketStream } from "./socket-stream.ts";
@@ -122,6 +111,8 @@ function bindSyscalls(lib: Libc): Syscalls {
 
 function bindPool(lib: Libc): PoolCalls {
   return {
+    recvmsg: async (fd, msghdr, flags) => Number(await whilePending(lib.recvmsg(fd, msghdr, flags))),
+    recvmsgNow: (fd, msghdr, flags) => Number(lib.recvmsgNow(fd, msghdr, flags)),
     read: async (fd, buffer) => Number(await whilePending(lib.read(fd, buffer, BigInt(buffer.length)))),
     write: async (fd, data) => Number(await whilePending(lib.writeLater(fd, data, BigInt(data.length)))),
     splice: async (fdIn, fdOut, length, flags) =>
@@ -135,60 +126,11 @@ function bindPool(lib: Libc): PoolCalls {
 
 // ---- Receiving ----
 
-/**
- * Receives on the JS thread without waiting (`MSG_DONTWAIT`), and waits with a `recvmsg` on Deno's
- * blocking thread pool.
- */
-class DenoReceiver implements Receiver {
-  readonly buffers: ReceiveBuffers;
-  readonly #lib: Libc;
-  readonly #socket: number;
-  /** The pool call in flight, if any: the socket is closed only once it has returned. */
-  #pending: Promise<unknown> | undefined;
-  #stopped = false;
+// Replies are received by pool.ts's PoolReceiver: a look on the JS thread, then a wait on the pool.
 
-  constructor(lib: Libc, socket: number) {
-    this.#lib = lib;
-    this.#socket = socket;
-    this.buffers = packReceiveBuffers(
-      false,
-      (view) => BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(view))),
-    );
-  }
-
-  receiveNow(): number | undefined {
-    resetMsghdr(this.buffers.msghdr, this.buffers.control.length);
-    const n = Number(
-      this.#lib.recvmsgNow(this.#socket, this.buffers.msghdrBytes, MSG_CMSG_CLOEXEC | MSG_DONTWAIT),
-    );
-    return n < 0 ? undefined : n;
-  }
-
-  async receiveLater(): Promise<number> {
-    for (let attempt = 0;; attempt++) {
-      if (this.#stopped) throw new Error("The socket is closed");
-      resetMsghdr(this.buffers.msghdr, this.buffers.control.length);
-      const call = this.#lib.recvmsg(this.#socket, this.buffers.msghdrBytes, MSG_CMSG_CLOEXEC);
-      this.#pending = call;
-      const n = Number(await whilePending(call).finally(() => this.#pending = undefined));
-      if (n >= 0) return n;
-      // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
-      if (attempt >= 3) throw new Error("Receiving from the image proxy failed");
-    }
-  }
-
-  release(): void {
-    // Each recvmsg resets the header first: nothing to hand back.
-  }
-
-  stop(): Promise<void> {
-    this.#stopped = true;
-    // The pending recvmsg returns 0 after shutdown(), once a pool thread runs it: close then, without
-    // holding close() on a pool that other calls may keep busy.
-    if (this.#pending) this.#pending.finally(() => this.#lib.close(this.#socket));
-    else this.#lib.close(this.#socket);
-    return Promise.resolve();
-  }
+/** The address `recvmsg` is given for a view of the receive buffers. */
+function addressOf(view: Uint8Array): bigint {
+  return BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(view)));
 }
 
 // ---- Pipes ----
@@ -287,7 +229,7 @@ function bindRuntime(): PosixRuntime {
   const pool = bindPool(lib);
   runtime = {
     syscalls: sys,
-    receiver: (socket) => new DenoReceiver(lib, socket),
+    receiver: (socket) => new PoolReceiver(pool, sys, socket, addressOf),
     openStream: (fd, options) => openStream(pool, sys, fd, options),
     fileSink: (pipe, file) => poolFileSink(pool, sys, pipe, file),
     createHasher,

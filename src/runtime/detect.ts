@@ -1,6 +1,7 @@
 /**
  * Picks the runtime adapter. The only place that looks at which runtime is running, and it only
- * looks: each adapter is loaded on demand, so Deno never loads `bun:ffi` and Bun never loads Deno's.
+ * looks: each adapter is loaded on demand, so Deno never loads `bun:ffi`, Bun never loads Deno's, and
+ * neither loads Node's `koffi`.
  *
  * @module
  */
@@ -9,10 +10,12 @@ import { ImageProxyError } from "../errors.ts";
 import type { TransportFactory } from "../transport.ts";
 
 /** The runtime this code runs on, as far as the adapters care. */
-export function detectRuntime(): "deno" | "bun" | "unknown" {
-  const g = globalThis as { Bun?: unknown; Deno?: unknown };
+export function detectRuntime(): "deno" | "bun" | "node" | "unknown" {
+  const g = globalThis as { Bun?: unknown; Deno?: unknown; process?: { versions?: { node?: string } } };
   if (g.Bun !== undefined) return "bun";
   if (g.Deno !== undefined) return "deno";
+  // Deno and Bun both claim a Node version too: only without either is it Node itself.
+  if (typeof g.process?.versions?.node === "string") return "node";
   return "unknown";
 }
 
@@ -23,9 +26,11 @@ export async function defaultTransportFactory(): Promise<TransportFactory> {
       return (await import("./deno.ts")).denoTransport;
     case "bun":
       return (await import("./bun.ts")).bunTransport;
+    case "node":
+      return (await import("./node.ts")).nodeTransport;
     default:
       throw new ImageProxyError(
-        'No transport for this runtime: run under Deno or Bun, or pass "transport" in the configuration',
+        'No transport for this runtime: run under Deno, Bun or Node, or pass "transport" in the configuration',
       );
   }
 }

@@ -1,6 +1,8 @@
 /**
- * File sinks for runtimes whose FFI calls run only on the JS thread (`bun:ffi`): no call may wait, so
- * the pipe is spliced without waiting and polled on a short timer while it is empty.
+ * File sinks that never wait inside an FFI call: for runtimes whose FFI calls run only on the JS
+ * thread (`bun:ffi`), and for Node, whose thread pool (four threads by default, shared with `node:fs`)
+ * must not be held by a pipe that may stall. The pipe is spliced without waiting and polled on a
+ * short timer while it is empty.
  *
  * @module
  */

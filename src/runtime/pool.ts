@@ -1,18 +1,36 @@
 /**
- * Pipe reads and file sinks for runtimes whose FFI can run a blocking libc call on a thread pool
- * (Deno's `nonblocking` symbols; koffi's asynchronous calls under Node). The call waits on a pool
- * thread and the event loop stays free. errno does not come back from the pool thread, so where the
+ * The reply receiver, pipe reads and file sinks for runtimes whose FFI can run a blocking libc call on
+ * a thread pool (Deno's `nonblocking` symbols; koffi's asynchronous calls under Node, which uses only
+ * the receiver). The call waits on a pool thread and the event loop stays free. errno does not come back from the pool thread, so where the
  * reason matters, a failed call is made once more on the JS thread, without waiting, to learn it.
  *
  * @module
  */
 
 import type { FileSink } from "../transport.ts";
-import { EAGAIN, EINTR, EINVAL, EROFS, SPLICE_F_MOVE, SPLICE_F_NONBLOCK } from "./libc.ts";
-import type { Syscalls } from "./posix.ts";
+import {
+  EAGAIN,
+  EINTR,
+  EINVAL,
+  EROFS,
+  MSG_CMSG_CLOEXEC,
+  MSG_DONTWAIT,
+  resetMsghdr,
+  SPLICE_F_MOVE,
+  SPLICE_F_NONBLOCK,
+} from "./libc.ts";
+import { packReceiveBuffers, type ReceiveBuffers, type Receiver, type Syscalls } from "./posix.ts";
+
+/** The two `recvmsg` calls of a {@linkcode PoolReceiver}. */
+export interface PoolReceiveCalls {
+  /** `recvmsg(2)` into a packed `msghdr`, on a pool thread. */
+  recvmsg(fd: number, msghdr: Uint8Array, flags: number): Promise<number>;
+  /** `recvmsg(2)` on the JS thread (with `MSG_DONTWAIT`, it never waits). */
+  recvmsgNow(fd: number, msghdr: Uint8Array, flags: number): number;
+}
 
 /** The libc calls made on the thread pool, and the few made again on the JS thread to learn errno. */
-export interface PoolCalls {
+export interface PoolCalls extends PoolReceiveCalls {
   /** `read(2)` into all of `buffer`, on a pool thread. */
   read(fd: number, buffer: Uint8Array): Promise<number>;
   /** `write(2)` of all of `data`, on a pool thread. */
@@ -40,6 +58,71 @@ export const BLOB_READ = 192 * 1024;
  * Larger slabs only kept more memory alive until the next collection.
  */
 const SLAB_SIZE = 1 << 20;
+
+/**
+ * Receives on the JS thread without waiting (`MSG_DONTWAIT`), and waits with a `recvmsg` on the pool.
+ */
+export class PoolReceiver implements Receiver {
+  readonly buffers: ReceiveBuffers;
+  readonly #pool: PoolReceiveCalls;
+  readonly #sys: Syscalls;
+  readonly #socket: number;
+  /** The pool call in flight, if any: the socket is closed only once it has returned. */
+  #pending: Promise<unknown> | undefined;
+  #stopped = false;
+
+  /**
+   * Starts receiving on `socket`.
+   *
+   * @param pool The adapter's `recvmsg` calls.
+   * @param sys The adapter's syscalls.
+   * @param socket Our end of the socketpair; the receiver closes it in `stop`.
+   * @param addressOf The adapter's FFI pointer of a view (see `packReceiveBuffers`).
+   */
+  constructor(
+    pool: PoolReceiveCalls,
+    sys: Syscalls,
+    socket: number,
+    addressOf: (view: Uint8Array) => bigint,
+  ) {
+    this.#pool = pool;
+    this.#sys = sys;
+    this.#socket = socket;
+    this.buffers = packReceiveBuffers(false, addressOf);
+  }
+
+  receiveNow(): number | undefined {
+    resetMsghdr(this.buffers.msghdr, this.buffers.control.length);
+    const n = this.#pool.recvmsgNow(this.#socket, this.buffers.msghdrBytes, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    return n < 0 ? undefined : n;
+  }
+
+  async receiveLater(): Promise<number> {
+    for (let attempt = 0;; attempt++) {
+      if (this.#stopped) throw new Error("The socket is closed");
+      resetMsghdr(this.buffers.msghdr, this.buffers.control.length);
+      const call = this.#pool.recvmsg(this.#socket, this.buffers.msghdrBytes, MSG_CMSG_CLOEXEC);
+      this.#pending = call;
+      const n = await call.finally(() => this.#pending = undefined);
+      if (n >= 0) return n;
+      // errno is not readable from here (the call ran on another thread): retry a possible EINTR.
+      if (attempt >= 3) throw new Error("Receiving from the image proxy failed");
+    }
+  }
+
+  release(): void {
+    // Each recvmsg resets the header first: nothing to hand back.
+  }
+
+  stop(): Promise<void> {
+    this.#stopped = true;
+    // The pending recvmsg returns 0 after shutdown(), once a pool thread runs it: close then, without
+    // holding close() on a pool that other calls may keep busy.
+    if (this.#pending) this.#pending.finally(() => this.#sys.close(this.#socket));
+    else this.#sys.close(this.#socket);
+    return Promise.resolve();
+  }
+}
 
 /**
  * A pipe read on the thread pool. The fd is closed at end of file, on error and on cancel; a cancel

@@ -8,8 +8,10 @@
  * Every adapter is one {@linkcode PosixRuntime}, its members in this order: `syscalls`, `receiver`,
  * `openStream`, `fileSink`, `createHasher`, `launch`, and its file keeps them in that order under the
  * same section markers. What two runtimes do alike lives beside this file: `pool.ts` for FFIs that
- * can wait on a thread pool (Deno; koffi's asynchronous calls under Node), `poll.ts` for FFIs that
- * only call on the JS thread (Bun), `socket-stream.ts` for pipes read by `node:net` (Deno; Node).
+ * can wait on a thread pool (Deno; koffi's asynchronous calls under Node, for replies), `poll.ts` for
+ * file sinks that never wait inside a call (Bun, whose FFI calls only on the JS thread; Node, whose
+ * pool is too small to hold a thread per pipe), `socket-stream.ts` for pipes read by `node:net`
+ * (Deno; Node).
  * This module imports no runtime module and reads no runtime global.
  *
  * @module

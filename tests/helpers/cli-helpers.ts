@@ -10,7 +10,7 @@ import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
-import { IN_CI, ROOT, RUNTIME } from "./env.ts";
+import { IN_CI, ROOT, scriptCommand } from "./env.ts";
 import { concat } from "../../src/bytes.ts";
 
 /** What a CLI run produced. */
@@ -35,7 +35,7 @@ const DENO_FLAGS = ["--allow-ffi", "--allow-run", "--allow-env", "--allow-read",
 export function cliCommand(): string[] {
   const binary = process.env.IMAGE_PROXY_BIN;
   if (binary) return [binary];
-  return RUNTIME === "deno" ? [process.execPath, "run", ...DENO_FLAGS, MAIN] : [process.execPath, MAIN];
+  return scriptCommand(MAIN, DENO_FLAGS);
 }
 
 /** Runs `image-proxy ARGS...` to completion. */

@@ -6,6 +6,7 @@
 import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readlinkSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
+import * as zlib from "node:zlib";
 import { fileURLToPath } from "node:url";
 import { concat } from "../../src/bytes.ts";
 
@@ -13,7 +14,30 @@ import { concat } from "../../src/bytes.ts";
 export const ROOT: string = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
 /** The runtime running the tests. */
-export const RUNTIME: "bun" | "deno" = "Bun" in globalThis ? "bun" : "deno";
+export const RUNTIME: "bun" | "deno" | "node" = "Bun" in globalThis
+  ? "bun"
+  : "Deno" in globalThis
+  ? "deno"
+  : "node";
+
+/**
+ * The command line that runs a TypeScript file under the runtime running the tests: Deno with
+ * `denoFlags` (its permissions), Node through the `tsx` loader, Bun as is.
+ */
+export function scriptCommand(script: string, denoFlags: string[]): string[] {
+  if (RUNTIME === "deno") return [process.execPath, "run", ...denoFlags, script];
+  // Resolved here, so a child started in another folder still finds the loader.
+  if (RUNTIME === "node") return [process.execPath, "--import", import.meta.resolve("tsx"), script];
+  return [process.execPath, script];
+}
+
+/**
+ * Whether this runtime's `node:zlib` decompresses zstd: Deno and Bun do, Node only from 22.15. Without
+ * it, a zstd layer must fail with a clear `LayerError` instead.
+ */
+export const ZSTD_IN_ZLIB: boolean =
+  typeof (zlib as { createZstdDecompress?: unknown }).createZstdDecompress ===
+    "function";
 
 /** Whether this is a CI run, where nothing may be skipped for lack of a dependency. */
 export const IN_CI: boolean = process.env.CI === "true";

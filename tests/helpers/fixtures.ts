@@ -10,6 +10,7 @@ import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
+import { RUNTIME } from "./env.ts";
 
 /** One tar entry for {@linkcode tar}. */
 export interface TarEntry {
@@ -217,8 +218,7 @@ const CONVERTER = "skopeo";
 
 /** Builds the fixtures once into a per-runtime folder and returns where they are. */
 export function buildFixtures(): Fixtures {
-  const runtime = "Bun" in globalThis ? "bun" : "deno";
-  const root = join(tmpdir(), `cip-fixtures-${runtime}-v2`);
+  const root = join(tmpdir(), `cip-fixtures-${RUNTIME}-v2`);
   const stamp = join(root, "ready.json");
   if (existsSync(stamp)) return JSON.parse(readFileSync(stamp, "utf8"), reviveBytes);
   const building = `${root}.build-${process.pid}`;

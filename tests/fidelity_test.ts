@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { ImageProxy } from "../mod.ts";
 import { extractImage, LayerError } from "../src/image/extract.ts";
 import { SERVERS } from "./helpers/env.ts";
-import { tempDir } from "./helpers/cli-helpers.ts";
+import { requireTool, tempDir } from "./helpers/cli-helpers.ts";
 import { rootfsImage } from "./helpers/rootfs.ts";
 import { type Aspect, compareTrees, describe } from "./helpers/tree-compare.ts";
 
@@ -89,6 +89,22 @@ test("the tree comparison finds nothing between GNU tar's tree and a copy, and c
       "symlink-mtime usr/local/bin/bzip2-link: 1650000000.000000000 -> 1.000000000",
       "presence usr/share/doc/passwd/NOTE: present -> absent",
     ],
+  );
+});
+
+test("umoci unpack matches GNU tar on the same layers, but for the holes of the sparse file", (t) => {
+  const built = rootfsImage();
+  if (typeof built === "string") return t.skip(built);
+  const missing = requireTool("umoci");
+  if (missing) return t.skip(missing);
+  // The second reference agrees with the first: the harness holds extract to what both unpackers do.
+  const bundle = join(tempDir("fidelity"), "bundle");
+  execFileSync("umoci", ["unpack", "--image", built.gzipSparseRef.slice("oci:".length), bundle], {
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  assert.deepEqual(
+    compareTrees(built.sparseReference, join(bundle, "rootfs")).map((d) => `${d.aspect} ${d.path}`),
+    ["holes sparse/holes"],
   );
 });
 

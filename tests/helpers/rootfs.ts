@@ -134,6 +134,9 @@ tar --extract --file="$2" --preserve-permissions --same-owner --numeric-owner --
   --sparse --exclude='.wh.*'
 `;
 
+/** Changes with what {@linkcode rootfsImage} writes besides the recipe's layers, so caches are rebuilt. */
+const LAYOUT_VERSION = 2;
+
 /** The built image and its reference extractions. */
 export interface RootfsImage {
   /** The cache folder. */
@@ -142,6 +145,8 @@ export interface RootfsImage {
   ref: string;
   /** `oci:` reference of the image with a third, uncompressed layer holding a PAX sparse file. */
   sparseRef: string;
+  /** The layers of `sparseRef`, all gzip'd: umoci 0.4 reads no zstd. */
+  gzipSparseRef: string;
   /** GNU tar's extraction of `ref`. */
   reference: string;
   /** GNU tar's extraction of `sparseRef`. */
@@ -218,7 +223,10 @@ export function applyReferenceLayer(tarFile: string, dir: string): void {
 }
 
 function missingTool(): string | undefined {
-  if (process.getuid?.() !== 0) return "the root file system fixture needs root (owners, capabilities)";
+  // `id`, since Deno asks for --allow-sys to tell the uid.
+  if (execFileSync("id", ["-u"], { encoding: "utf8" }).trim() !== "0") {
+    return "the root file system fixture needs root (owners, capabilities)";
+  }
   for (const tool of TOOLS) {
     if (spawnSync("sh", ["-c", `command -v ${tool}`], { stdio: "ignore" }).status !== 0) {
       return `${tool} is not installed (run .ci/setup)`;
@@ -248,7 +256,7 @@ function downloadPackages(): string[] {
       throw new Error(`apt-get download ${missing().join(" ")} failed: ${result.stderr.trim()}`);
     }
   }
-  // The newest file of each package, should the mirror have moved on since the last download.
+  // Should the mirror have moved on since an earlier download, the cache holds two versions: either will do.
   return find().map((files) => join(cache, files.sort().at(-1)!));
 }
 
@@ -264,7 +272,8 @@ export function rootfsImage(): RootfsImage | string {
 }
 
 function buildOnce(): RootfsImage | string {
-  const hash = createHash("sha256").update(RECIPE).update(APPLY).update(ROOTFS_PACKAGES.join(" "))
+  const hash = createHash("sha256").update(String(LAYOUT_VERSION)).update(RECIPE).update(APPLY)
+    .update(ROOTFS_PACKAGES.join(" "))
     .digest("hex").slice(0, 16);
   const root = join(tmpdir(), `cip-rootfs-${hash}`);
   const stamp = join(root, "ready.json");
@@ -295,9 +304,15 @@ function buildOnce(): RootfsImage | string {
   const base = layer(read(tars.base), "gzip");
   const top = layer(read(tars.top), "zstd");
   writeOciLayout(join(building, "layout"), [base, top], { tag: "latest" });
-  writeOciLayout(join(building, "layout-sparse"), [base, top, layer(read(tars.sparse), "none")], {
-    tag: "latest",
-  });
+  const sparse = read(tars.sparse);
+  writeOciLayout(join(building, "layout-sparse"), [base, top, layer(sparse, "none")], { tag: "latest" });
+  writeOciLayout(
+    join(building, "layout-gzip-sparse"),
+    [base, layer(top.tar, "gzip"), layer(sparse, "gzip")],
+    {
+      tag: "latest",
+    },
+  );
   for (
     const [name, list] of [["reference", [tars.base, tars.top]], ["reference-sparse", [
       tars.base,
@@ -316,6 +331,7 @@ function buildOnce(): RootfsImage | string {
     root,
     ref: `oci:${join(root, "layout")}:latest`,
     sparseRef: `oci:${join(root, "layout-sparse")}:latest`,
+    gzipSparseRef: `oci:${join(root, "layout-gzip-sparse")}:latest`,
     reference: join(root, "reference"),
     sparseReference: join(root, "reference-sparse"),
     layers: {

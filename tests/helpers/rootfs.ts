@@ -260,14 +260,22 @@ function downloadPackages(): string[] {
   return find().map((files) => join(cache, files.sort().at(-1)!));
 }
 
-let built: RootfsImage | string | undefined;
+let built: RootfsImage | string | Error | undefined;
 
 /**
  * Builds the image and its references once (per recipe, shared by both runtimes), or says why it
  * cannot: a string is a reason to skip. Under `CI=true` a missing tool or a failed download throws.
  */
 export function rootfsImage(): RootfsImage | string {
-  built ??= buildOnce();
+  if (built === undefined) {
+    try {
+      built = buildOnce();
+    } catch (err) {
+      // Every test that needs the image fails with the same error, without another download.
+      built = err as Error;
+    }
+  }
+  if (built instanceof Error) throw built;
   return built;
 }
 

@@ -53,7 +53,9 @@ export interface TreeEntry {
   type: string;
   /** The permission bits with setuid, setgid and sticky. */
   mode: number;
+  /** The owner's numeric id. */
   uid: number;
+  /** The group's numeric id. */
   gid: number;
   /** Bytes (files); the apparent size. */
   size: number;
@@ -61,6 +63,7 @@ export interface TreeEntry {
   blocks: number;
   /** Modification time in nanoseconds since the epoch. */
   mtime: bigint;
+  /** The inode number, which tells hardlinks apart. */
   inode: number;
   /** A symlink's target, escaped as paths are. */
   target: string;

@@ -7,7 +7,7 @@
  *
  * Layer entries are matched by the names they carry. A layer that writes through a symlink a lower
  * layer made (an entry `lib/x` where `lib` is a symlink to `usr/lib`) puts that file at `usr/lib/x` in
- * an extraction and in {@linkcode listImage}'s view; `readFile` finds it only under the name `lib/x`.
+ * an extraction and in `listImage`'s view; `readFile` finds it only under the name `lib/x`.
  * Layers built from a file system never do this (they hold `usr/lib/x`); crafted ones can.
  *
  * Cost: each symlink that changes the path starts the search again from the top layer, but the layers
@@ -38,7 +38,6 @@ import {
   WHITEOUT,
 } from "./layers.ts";
 import type { TarEntry, TarHeader } from "./tar.ts";
-import type { listImage } from "./view.ts";
 
 /** What one search from the top (or from a hardlink's layer) found. */
 type Found =

@@ -131,8 +131,8 @@ export const COMMANDS: Record<string, CommandSpec> = {
     help:
       "Writes one tar holding the image's final file system: each path once, from the layer that wins,\n" +
       "no whiteout files, hardlinks kept when their target survives. Each layer is read once, from the\n" +
-      "top; upper layers come first in the archive. The exit status is 0 only when every layer matched\n" +
-      "its diff id.\n\n" +
+      "top; upper layers come first in the archive, directories last. The exit status is 0 only when\n" +
+      "every layer matched its diff id.\n\n" +
       "Options:\n" +
       "  -o, --output FILE  write to FILE instead of standard output (removed again on failure)",
   },

@@ -75,7 +75,7 @@ for (const server of SERVERS) {
   test(`fetch --output replaces a corrupted cached blob with a verified one and writes a valid layout (${server.name})`, async () => {
     const dir = tempDir("cache-save-corrupt");
     const cache = join(dir, "cache");
-    assert.deepEqual(await blobRequests(server, "--cache", cache, "cat", REF, "bin/hello"), [
+    assert.deepEqual(await blobRequests(server, "--cache", cache, "ls", REF), [
       "GetBlob",
       "GetBlob",
     ]);

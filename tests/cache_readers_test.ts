@@ -159,3 +159,14 @@ test("--cache-size takes bytes with a K, M, G or T suffix, and needs --cache", (
   assert.throws(() => parse("--cache", "/c", "--cache-size", "-1"), /takes a number of bytes/);
   assert.throws(() => parse("--cache-size", "1G"), /needs --cache DIR/);
 });
+
+test(
+  "--cache-size bounds the cache the CLI fills",
+  { skip: SERVERS.length === 0 ? "no skopeo" : false },
+  async () => {
+    const cache = join(tempDir("cache-size"), "cache");
+    const largest = Math.max(...f.image.layers.map((l) => l.size));
+    await blobRequests(SERVERS[0], "--cache", cache, "--cache-size", String(largest), "ls", REF);
+    assert.equal(cached(cache).length, 1, "the older layer was evicted");
+  },
+);

@@ -322,7 +322,10 @@ export function useBlobCache(proxy: ImageProxy, cache: BlobCache): ImageProxy {
   const saveBlob = proxy.saveBlob.bind(proxy);
   proxy.getBlob = (image, digest, size, options) => cache.getBlob({ getBlob }, image, digest, size, options);
   proxy.getRawBlob = (image, digest, options) => cache.getRawBlob({ getRawBlob }, image, digest, options);
+  // A proxy that cannot save blobs says so, hit or miss.
   proxy.saveBlob = (image, digest, size, path, options) =>
-    cache.saveBlob({ saveBlob }, image, digest, size, path, options);
+    proxy.canSaveBlobs
+      ? cache.saveBlob({ saveBlob }, image, digest, size, path, options)
+      : saveBlob(image, digest, size, path, options);
   return proxy;
 }

@@ -5,6 +5,7 @@ import {
   DiffIdMismatchError,
   exportImage,
   FileNotFoundError,
+  listImage,
   NotAFileError,
   readFile,
   SymlinkLoopError,
@@ -223,6 +224,48 @@ for (const server of SERVERS) {
       await tarReader.cancel();
       await assertNoLeakedFds(before); // The layers' pipes were closed, not left to the shutdown.
       assert.equal(await text(await readFile(proxy, image, "etc/motd")), "welcome\n");
+      await proxy.closeImage(image);
+    });
+  });
+}
+
+for (const server of SERVERS) {
+  test(`readFile agrees with the view when a layer writes through a lower layer's symlink (${server.name})`, async () => {
+    const dir = tempDir("read-through-links");
+    writeOciLayout(dir, [
+      layer(
+        tar([
+          { name: "real/", type: "dir" },
+          { name: "real/x", content: "old x\n" },
+          { name: "real/z", content: "z\n" },
+          { name: "etc", type: "symlink", linkname: "real" },
+          { name: "other/", type: "dir" },
+          { name: "other/kept", content: "kept\n" },
+        ]),
+        "gzip",
+      ),
+      // No "etc/" entry: these land in real/, as extraction puts them.
+      layer(
+        tar([
+          { name: "etc/x", content: "new x\n" },
+          { name: "etc/.wh.z" },
+          { name: "etc/h", type: "link", linkname: "etc/x" },
+        ]),
+        "gzip",
+      ),
+    ]);
+    await withProxy(server, async (proxy) => {
+      const image = await proxy.openImage(`oci:${dir}:latest`);
+      const view = new Map<string, string>();
+      for await (const e of listImage(proxy, image)) view.set(e.path, e.type);
+      assert.equal(view.get("real/x"), "file");
+      assert.equal(view.has("real/z"), false);
+      assert.equal(await text(await readFile(proxy, image, "real/x")), "new x\n");
+      assert.equal(await text(await readFile(proxy, image, "etc/x")), "new x\n");
+      assert.equal(await text(await readFile(proxy, image, "real/h")), "new x\n");
+      assert.equal(await text(await readFile(proxy, image, "other/kept")), "kept\n");
+      await assert.rejects(readFile(proxy, image, "real/z"), FileNotFoundError);
+      await assert.rejects(readFile(proxy, image, "etc/z"), FileNotFoundError);
       await proxy.closeImage(image);
     });
   });

@@ -131,8 +131,8 @@ export const COMMANDS: Record<string, CommandSpec> = {
     help:
       "Writes one tar holding the image's final file system: each path once, from the layer that wins,\n" +
       "no whiteout files, hardlinks kept when their target survives. Each layer is read once, from the\n" +
-      "top; upper layers come first in the archive. The exit status is 0 only when every layer matched\n" +
-      "its diff id.\n\n" +
+      "top; upper layers come first in the archive, directories last. The exit status is 0 only when\n" +
+      "every layer matched its diff id.\n\n" +
       "Options:\n" +
       "  -o, --output FILE  write to FILE instead of standard output (removed again on failure)",
   },
@@ -172,6 +172,8 @@ export interface ParsedArgs {
   platform: string | undefined;
   /** `--cache DIR`: the blob cache's directory. */
   cache: string | undefined;
+  /** `--cache-size SIZE`: the blob cache's limit in bytes. */
+  cacheSize: number | undefined;
 }
 
 type ValueOption = (config: ImageProxyConfig, value: string) => void;
@@ -232,6 +234,21 @@ const FLAG_OPTIONS: Record<string, (args: ParsedArgs) => void> = {
   "-h": (a) => a.help = true,
 };
 
+const SIZE_UNITS: Record<string, number> = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
+
+/** A size in bytes with an optional binary suffix (`512M`, `10G`). */
+function parseByteSize(option: string, value: string, command: string | undefined): number {
+  const match = /^([0-9]+)([KMGT]?)$/i.exec(value);
+  const bytes = match ? Number(match[1]) * SIZE_UNITS[match[2].toUpperCase()] : NaN;
+  if (!Number.isSafeInteger(bytes)) {
+    throw new UsageError(
+      `option ${option} takes a number of bytes with an optional K, M, G or T suffix, not "${value}"`,
+      command,
+    );
+  }
+  return bytes;
+}
+
 function parseBoolean(option: string, value: string): boolean {
   if (value === "true") return true;
   if (value === "false") return false;
@@ -259,6 +276,7 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     json: false,
     platform: undefined,
     cache: undefined,
+    cacheSize: undefined,
   };
   const words: string[] = [];
   let optionsEnded = false;
@@ -298,6 +316,10 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       if (value === "") throw new UsageError(`option ${name} needs a non-empty value`, parsed.command);
       if (name === "--platform") parsed.platform = value;
       else parsed.cache = value;
+      continue;
+    }
+    if (name === "--cache-size") {
+      parsed.cacheSize = parseByteSize(name, takeValue(), parsed.command);
       continue;
     }
     const valueOption = VALUE_OPTIONS[name];
@@ -355,6 +377,9 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     }
     parsed.config = platformConfig(parsed.config, platform);
   }
+  if (parsed.cacheSize !== undefined && parsed.cache === undefined) {
+    throw new UsageError("option --cache-size needs --cache DIR", parsed.command);
+  }
   if (parsed.config.authfile !== undefined && parsed.config.authAnonymous) {
     throw new UsageError("options --authfile and --no-creds conflict", parsed.command);
   }
@@ -411,7 +436,9 @@ const GLOBAL_HELP = `Options (before or after the command):
   --blob-idle-timeout SECS  fail a blob that receives no data for SECS seconds
                             (default ${DEFAULT_BLOB_IDLE_TIMEOUT_MS / 1000}; 0 waits for ever)
   --platform OS/ARCH[/VAR]  pick this platform from multi-arch images (see platforms REF)
-  --cache DIR               keep verified blobs in DIR (blobs/sha256/..., shared, 10 GiB at most)
+  --cache DIR               keep verified blobs in DIR (blobs/sha256/..., shared by processes)
+  --cache-size SIZE         the most the cache may hold: bytes, or with K, M, G, T (powers of
+                            1024; default 10G)
   --skopeo CMD              command that starts skopeo, split on whitespace
                             (default: "setpriv --pdeathsig SIGTERM -- skopeo")
   --debug                   pass --debug to skopeo and show its messages

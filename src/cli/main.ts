@@ -94,7 +94,9 @@ export async function run(io: CliIo, options: RunOptions = {}): Promise<number> 
     if (withoutProxy) return await withoutProxy({ args, io, signal: controller.signal });
     const spawnConfig = { requestTimeoutMs: CLI_REQUEST_TIMEOUT_SECONDS * 1000, ...args.config };
     proxy = await (options.spawn ?? ((config) => ImageProxy.spawn(config)))(spawnConfig);
-    if (args.cache !== undefined) useBlobCache(proxy, new BlobCache(args.cache));
+    if (args.cache !== undefined) {
+      useBlobCache(proxy, new BlobCache(args.cache, { maxBytes: args.cacheSize }));
+    }
     controller.signal.throwIfAborted();
     const image = await proxy.openImage(args.operands[0]);
     await HANDLERS[args.command!]({ proxy, image, args, io, progress, signal: controller.signal });

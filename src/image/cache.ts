@@ -13,19 +13,28 @@
  *   until the blobs fit `maxBytes`. Another process may be reading an evicted blob: its open file stays
  *   readable.
  *
- * Only `getBlob` (and `getDescriptor`, which calls it) goes through the cache; `saveBlob` and
- * `getRawBlob` do not.
+ * Every way the proxy hands out a blob goes through it: `getBlob` (and `getDescriptor`, which calls
+ * it), `getRawBlob` (verified by this client: its stream closes normally only once size and digest
+ * matched) and `saveBlob` (a hit is copied into the caller's file and checked on the way; a miss is
+ * saved by the proxy, then copied into the cache under a temporary name and renamed).
  *
  * @module
  * @tags allow-read, allow-write
  */
 
 import { createHash } from "node:crypto";
-import { mkdir, open, readdir, rename, rm, stat, utimes } from "node:fs/promises";
+import { copyFile, mkdir, open, readdir, rename, rm, stat, utimes } from "node:fs/promises";
 import { join } from "node:path";
 import process from "node:process";
 import { BlobError } from "../errors.ts";
-import type { BlobOptions, BlobReader, ImageProxy, OpenedImage } from "../proxy.ts";
+import type {
+  BlobOptions,
+  BlobReader,
+  ImageProxy,
+  OpenedImage,
+  RawBlobOptions,
+  SaveBlobOptions,
+} from "../proxy.ts";
 import { digestProblem } from "../reference.ts";
 
 /** Options for {@linkcode BlobCache}. */
@@ -78,14 +87,113 @@ export class BlobCache {
     return { size: blob.size, stream: await this.#fillStream(blob.stream, path) };
   }
 
-  async #open(path: string, size: number) {
+  /**
+   * The blob `digest` fetched with `GetRawBlob`: from the cache when it is there (with the size
+   * `options.size`, when given), else from `proxy`, written to the cache as it streams. The proxy's
+   * stream closes normally only once this client matched size and digest, so only verified bytes are
+   * kept.
+   */
+  async getRawBlob(
+    proxy: Pick<ImageProxy, "getRawBlob">,
+    image: OpenedImage,
+    digest: string,
+    options: RawBlobOptions = {},
+  ): Promise<BlobReader> {
+    const path = this.path(digest);
+    const hit = await this.#open(path, options.size);
+    if (hit !== null) {
+      const { size } = await hit.stat();
+      return { size, stream: this.#hitStream(hit, path, digest) };
+    }
+    const blob = await proxy.getRawBlob(image, digest, options);
+    return { size: blob.size, stream: await this.#fillStream(blob.stream, path) };
+  }
+
+  /**
+   * Saves the blob `digest` of `size` bytes into the file `target`, as `ImageProxy.saveBlob` does. A
+   * hit is copied and hashed on the way (a corrupted one is removed and the blob fetched instead); a
+   * miss is saved by `proxy`, which verified it once this resolves, and then copied into the cache.
+   *
+   * @returns the blob's size.
+   */
+  async saveBlob(
+    proxy: Pick<ImageProxy, "saveBlob">,
+    image: OpenedImage,
+    digest: string,
+    size: number,
+    target: string,
+    options: SaveBlobOptions = {},
+  ): Promise<number> {
+    const path = this.path(digest);
+    options.signal?.throwIfAborted();
+    const hit = await this.#open(path, size);
+    if (hit !== null && await this.#copyVerified(hit, path, digest, target, options)) return size;
+    const saved = await proxy.saveBlob(image, digest, size, target, options);
+    await mkdir(join(path, ".."), { recursive: true });
+    const temporary = this.#temporary(path);
+    try {
+      await copyFile(target, temporary);
+      await rename(temporary, path);
+    } catch (err) {
+      await rm(temporary, { force: true });
+      throw err;
+    }
+    await this.#evict(path);
+    return saved;
+  }
+
+  /**
+   * Copies the open cached blob into `target`, hashing it on the way; flushed to disk. Returns false
+   * (and removes the cached blob) when its bytes do not match `digest`.
+   */
+  async #copyVerified(
+    hit: Awaited<ReturnType<typeof open>>,
+    path: string,
+    digest: string,
+    target: string,
+    options: SaveBlobOptions,
+  ): Promise<boolean> {
+    const hash = createHash(digest.slice(0, digest.indexOf(":")));
+    try {
+      const out = await open(target, "w", 0o644);
+      try {
+        const buffer = new Uint8Array(1 << 20);
+        for (;;) {
+          options.signal?.throwIfAborted();
+          const { bytesRead } = await hit.read(buffer, 0, buffer.length);
+          if (bytesRead === 0) break;
+          hash.update(buffer.subarray(0, bytesRead));
+          let offset = 0;
+          while (offset < bytesRead) {
+            offset += (await out.write(buffer, offset, bytesRead - offset)).bytesWritten;
+          }
+          options.onProgress?.(bytesRead);
+        }
+        await out.sync();
+      } finally {
+        await out.close();
+      }
+    } finally {
+      await hit.close();
+    }
+    if (`${digest.slice(0, digest.indexOf(":"))}:${hash.digest("hex")}` === digest) return true;
+    await rm(path, { force: true });
+    return false;
+  }
+
+  #temporary(path: string): string {
+    return join(path, "..", `${TEMPORARY}${process.pid}-${crypto.randomUUID()}`);
+  }
+
+  /** The cached blob at `path`, open, when it is there with `size` bytes (any size when undefined). */
+  async #open(path: string, size: number | undefined) {
     let handle;
     try {
       handle = await open(path, "r");
     } catch {
       return null;
     }
-    if ((await handle.stat()).size !== size) {
+    if (size !== undefined && (await handle.stat()).size !== size) {
       await handle.close();
       await rm(path, { force: true });
       return null;
@@ -129,7 +237,7 @@ export class BlobCache {
 
   async #fillStream(source: ReadableStream<Uint8Array>, path: string): Promise<ReadableStream<Uint8Array>> {
     await mkdir(join(path, ".."), { recursive: true });
-    const temporary = join(path, "..", `${TEMPORARY}${process.pid}-${crypto.randomUUID()}`);
+    const temporary = this.#temporary(path);
     const file = await open(temporary, "wx", 0o644);
     const reader = source.getReader();
     const discard = async () => {
@@ -189,8 +297,9 @@ export class BlobCache {
 }
 
 /**
- * Routes `proxy.getBlob` (and `getDescriptor`, which calls it) through `cache`, for every reader of
- * this proxy: the inspect functions, `extractImage`, the CLI's commands.
+ * Routes every blob the proxy hands out through `cache`: `getBlob` (and `getDescriptor`, which calls
+ * it), `getRawBlob` and `saveBlob`, for every reader of this proxy: the inspect functions,
+ * `extractImage`, `writeLayout`, the CLI's commands.
  *
  * @example Reading an image twice, fetching its layers once
  * ```ts ignore
@@ -203,11 +312,20 @@ export class BlobCache {
  * for await (const e of listImage(proxy, img)) console.log(e.path);
  * ```
  *
+ * @param proxy the proxy whose blob methods to wrap (its own methods are replaced).
+ * @param cache the cache to serve from and fill.
  * @returns `proxy`.
  */
 export function useBlobCache(proxy: ImageProxy, cache: BlobCache): ImageProxy {
-  const fetch = proxy.getBlob.bind(proxy);
-  proxy.getBlob = (image, digest, size, options) =>
-    cache.getBlob({ getBlob: fetch }, image, digest, size, options);
+  const getBlob = proxy.getBlob.bind(proxy);
+  const getRawBlob = proxy.getRawBlob.bind(proxy);
+  const saveBlob = proxy.saveBlob.bind(proxy);
+  proxy.getBlob = (image, digest, size, options) => cache.getBlob({ getBlob }, image, digest, size, options);
+  proxy.getRawBlob = (image, digest, options) => cache.getRawBlob({ getRawBlob }, image, digest, options);
+  // A proxy that cannot save blobs says so, hit or miss.
+  proxy.saveBlob = (image, digest, size, path, options) =>
+    proxy.canSaveBlobs
+      ? cache.saveBlob({ saveBlob }, image, digest, size, path, options)
+      : saveBlob(image, digest, size, path, options);
   return proxy;
 }

@@ -5,10 +5,14 @@
  * (an absolute or `..` target never leaves it), at most {@linkcode MAX_SYMLINK_HOPS} times; a hardlink
  * resolves to its target's content as of the hardlink's layer.
  *
- * Layer entries are matched by the names they carry. A layer that writes through a symlink a lower
- * layer made (an entry `lib/x` where `lib` is a symlink to `usr/lib`) puts that file at `usr/lib/x` in
- * an extraction and in `listImage`'s view; `readFile` finds it only under the name `lib/x`.
- * Layers built from a file system never do this (they hold `usr/lib/x`); crafted ones can.
+ * Layer entries are matched by the names they carry, which is exact as long as each entry's parent
+ * directory was itself an entry earlier in its layer (as in layers built from a file system): a
+ * directory entry replaces a symlink below it. An entry whose parent was not (`lib/x` alone, over a
+ * lower layer's symlink `lib -> usr/lib`) may land elsewhere (`usr/lib/x`, in an extraction and in
+ * `listImage`'s view). When the search meets such an entry, it starts again the way the view is built:
+ * every layer's headers are read, bottom first, each entry is placed with its parents' symlinks
+ * resolved, and the search runs over those places (a file's bytes are then fetched again from its
+ * layer).
  *
  * Cost: each symlink that changes the path starts the search again from the top layer, but the layers
  * already read to their end in this call are searched again from memory (their entries' headers, no
@@ -38,6 +42,7 @@ import {
   WHITEOUT,
 } from "./layers.ts";
 import type { TarEntry, TarHeader } from "./tar.ts";
+import { MergedTree } from "./view.ts";
 
 /** What one search from the top (or from a hardlink's layer) found. */
 type Found =
@@ -45,7 +50,17 @@ type Found =
   | { kind: "symlink"; depth: number; linkname: string }
   | { kind: "hardlink"; linkname: string; layer: number }
   | { kind: "missing"; detail?: string }
-  | { kind: "other"; type: FileType };
+  | { kind: "other"; type: FileType }
+  | { kind: "inexact" };
+
+/**
+ * Layers' headers read to their end in one `readFile` call, by layer index; `placed` once they were
+ * renamed to where each entry took effect, with the name each carries in its layer.
+ */
+interface Scanned {
+  layers: Map<number, TarHeader[]>;
+  placed?: WeakMap<TarHeader, string>;
+}
 
 /** A prefix's state so far: undecided, decided by an entry, or deleted by a whiteout. */
 type State = TarHeader | "deleted" | undefined;
@@ -65,7 +80,7 @@ async function search(
   layers: ImageLayer[],
   parts: string[],
   top: number,
-  scanned: Map<number, TarHeader[]>,
+  scanned: Scanned,
   signal: AbortSignal | undefined,
 ): Promise<Found> {
   const n = parts.length;
@@ -78,9 +93,11 @@ async function search(
     const whiteouts: boolean[] = new Array(n + 1).fill(false);
     let opaqueDepth = Infinity;
     // A layer read to its end before (an earlier search of this call) is searched again from memory.
-    const known = scanned.get(k);
+    const known = scanned.layers.get(k);
     const iterator = known === undefined ? layerEntries(source, image, layers[k], { signal }) : undefined;
     const record: TarHeader[] = [];
+    // This layer's directories so far, while names are taken as carried.
+    const directories = scanned.placed === undefined ? new Set<string>([""]) : undefined;
     let position = 0;
     let finished = false;
     try {
@@ -99,6 +116,14 @@ async function search(
         }
         const names = entryParts(header.name, layers[k].digest);
         const base = names[names.length - 1] ?? "";
+        if (directories !== undefined && names.length > 0) {
+          if (!directories.has(names.slice(0, -1).join("/"))) {
+            finished = true;
+            await iterator?.return(undefined);
+            return { kind: "inexact" };
+          }
+          if (header.type === "directory") directories.add(names.join("/"));
+        }
         if (base.startsWith(WHITEOUT)) {
           const dir = names.slice(0, -1);
           if (!isPrefix(dir, parts)) continue;
@@ -115,14 +140,14 @@ async function search(
         if (i === n && header.type === "file") {
           finished = true;
           const content = entry === undefined
-            ? contentOf(source, image, layers[k], header.name, signal)
+            ? contentOf(source, image, layers[k], scanned.placed?.get(header) ?? header.name, signal)
             : contentThenRest(entry, iterator!);
           return { kind: "file", header, content };
         }
         entries[i] = header;
       }
       finished = true;
-      if (known === undefined) scanned.set(k, record);
+      if (known === undefined) scanned.layers.set(k, record);
     } finally {
       if (!finished) await iterator?.return(undefined);
     }
@@ -235,11 +260,15 @@ export async function readFile(
   let parts = rootParts(path);
   let top = layers.length - 1;
   let hops = 0;
-  const scanned = new Map<number, TarHeader[]>();
+  let scanned: Scanned = { layers: new Map() };
   for (;;) {
     if (parts.length === 0) throw new NotAFileError(path, "dir");
     const found = await search(proxy, image, layers, parts, top, scanned, signal);
     switch (found.kind) {
+      case "inexact":
+        scanned = await placedHeaders(proxy, image, layers, scanned, signal);
+        [parts, top, hops] = [rootParts(path), layers.length - 1, 0];
+        continue;
       case "file":
         return streamOf(found.content);
       case "symlink":
@@ -258,6 +287,37 @@ export async function readFile(
         throw new NotAFileError(path, found.type);
     }
   }
+}
+
+/**
+ * Every layer's headers renamed to where each entry took effect (parent symlinks resolved, as the view
+ * places them), reading the layers not yet read.
+ */
+async function placedHeaders(
+  source: LayerSource,
+  image: OpenedImage,
+  layers: ImageLayer[],
+  scanned: Scanned,
+  signal: AbortSignal | undefined,
+): Promise<Scanned> {
+  const tree = new MergedTree();
+  const placed: Scanned = { layers: new Map(), placed: new WeakMap() };
+  for (const layer of layers) {
+    let headers = scanned.layers.get(layer.index);
+    if (headers === undefined) {
+      headers = [];
+      for await (const entry of layerEntries(source, image, layer, { signal })) headers.push(entry.header);
+    }
+    const renamed: TarHeader[] = [];
+    tree.apply(layer, headers, (header, path, target) => {
+      const linkname = header.type === "hardlink" && target ? target.join("/") : header.linkname;
+      const moved = { ...header, name: path.join("/"), linkname };
+      placed.placed!.set(moved, header.name);
+      renamed.push(moved);
+    });
+    placed.layers.set(layer.index, renamed);
+  }
+  return placed;
 }
 
 function streamOf(chunks: AsyncGenerator<Uint8Array>): ReadableStream<Uint8Array> {

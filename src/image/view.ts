@@ -110,6 +110,9 @@ function entryOf(header: TarHeader, layer: ImageLayer): Omit<FileEntry, "path"> 
   };
 }
 
+/** Where an entry took effect: its path and, for a hardlink, its target's (parent symlinks resolved). */
+export type Placed = (header: TarHeader, path: string[], target?: string[] | null) => void;
+
 /**
  * The final file system, built layer by layer in memory (metadata only). Exposed for the other readers
  * of this folder; not part of the public API.
@@ -174,8 +177,12 @@ export class MergedTree {
     return { node: current, real };
   }
 
-  /** Applies one layer's entries (already checked against the layer's diff id). */
-  apply(layer: ImageLayer, headers: TarHeader[]): void {
+  /**
+   * Applies one layer's entries (already checked against the layer's diff id). `placed`, when given,
+   * hears where each entry took effect: its path and, for a hardlink, its target's, with parent
+   * symlinks resolved (an entry `lib/x` over a symlink `lib -> usr/lib` is placed at `usr/lib/x`).
+   */
+  apply(layer: ImageLayer, headers: TarHeader[], placed?: Placed): void {
     const additions: [TarHeader, string[]][] = [];
     for (const header of headers) {
       const parts = entryParts(header.name, layer.digest);
@@ -187,19 +194,32 @@ export class MergedTree {
       }
       // Whiteouts hide what lower layers put there, never this layer's own entries: applying all of them
       // before this layer's additions gives exactly that.
-      const parent = this.directory(parts.slice(0, -1), header.name, null);
-      if (parent === null) continue;
+      const resolved = this.#resolve(parts.slice(0, -1), header.name, null, { left: MAX_SYMLINK_HOPS });
+      if (resolved === null) continue;
+      const parent = resolved.node;
+      placed?.(header, [...resolved.real, base]);
       if (base === OPAQUE) parent.children!.clear();
       else if (!base.startsWith(`${WHITEOUT}${WHITEOUT}`)) {
         parent.children!.delete(base.slice(WHITEOUT.length));
       }
     }
-    for (const [header, parts] of additions) this.#add(layer, header, parts);
+    for (const [header, parts] of additions) this.#add(layer, header, parts, placed);
   }
 
-  #add(layer: ImageLayer, header: TarHeader, parts: string[]): void {
+  #add(layer: ImageLayer, header: TarHeader, parts: string[], placed: Placed | undefined): void {
     const name = parts[parts.length - 1];
-    const parent = this.directory(parts.slice(0, -1), header.name, layer)!;
+    const { node: parent, real } = this.#resolve(parts.slice(0, -1), header.name, layer, {
+      left: MAX_SYMLINK_HOPS,
+    })!;
+    const targetParts = header.type === "hardlink" ? entryParts(header.linkname, layer.digest) : [];
+    const targetParent = targetParts.length === 0
+      ? null
+      : this.#resolve(targetParts.slice(0, -1), header.name, null, { left: MAX_SYMLINK_HOPS });
+    placed?.(
+      header,
+      [...real, name],
+      targetParent && [...targetParent.real, targetParts[targetParts.length - 1]],
+    );
     const existing = parent.children!.get(name);
     const entry = entryOf(header, layer);
     const node: Node = { entry };
@@ -212,11 +232,7 @@ export class MergedTree {
     } else if (header.type === "file") {
       node.inode = { origin: node };
     } else if (header.type === "hardlink") {
-      const targetParts = entryParts(header.linkname, layer.digest);
-      const targetParent = targetParts.length === 0
-        ? null
-        : this.directory(targetParts.slice(0, -1), header.name, null);
-      const target = targetParent?.children?.get(targetParts[targetParts.length - 1]);
+      const target = targetParent?.node.children?.get(targetParts[targetParts.length - 1]);
       if (target === undefined) {
         throw new LayerError(
           `Cannot create hardlink "${header.name}": its target "${header.linkname}" does not exist`,

@@ -55,3 +55,41 @@ export async function withoutFileSinks(): Promise<TransportFactory> {
     },
   };
 }
+
+/**
+ * The runtime's own transport factory, recording the method of every request its proxies send (in
+ * `methods`): what reached skopeo, whatever wraps the proxy's methods above the transport.
+ */
+export async function countingTransport(): Promise<{ factory: TransportFactory; methods: string[] }> {
+  const real = await defaultTransportFactory();
+  const methods: string[] = [];
+  const record = (packet: Uint8Array) => {
+    methods.push(JSON.parse(new TextDecoder().decode(packet)).method);
+  };
+  const factory: TransportFactory = {
+    env: real.env,
+    spawn: async (request) => {
+      const t = await real.spawn(request);
+      return {
+        request: (packet) => {
+          record(packet);
+          return t.request(packet);
+        },
+        requestNow: t.requestNow && ((packet) => {
+          record(packet);
+          return t.requestNow!(packet);
+        }),
+        send: (packet) => t.send(packet),
+        openStream: (fd, options) => t.openStream(fd, options),
+        openFileSink: t.openFileSink && ((fd, path, options) => t.openFileSink!(fd, path, options)),
+        closeFd: (fd) => t.closeFd(fd),
+        pipeFill: t.pipeFill && ((fd) => t.pipeFill!(fd)),
+        createHasher: t.createHasher && ((algorithm) => t.createHasher!(algorithm)),
+        exited: t.exited,
+        pid: t.pid,
+        close: (graceMs) => t.close(graceMs),
+      };
+    },
+  };
+  return { factory, methods };
+}

@@ -3,7 +3,7 @@
 // servers: the blob fails with a BlobError in bounded time, no more than a bounded excess is read or
 // written, every promise settles (nothing goes unhandled, an abort while FinishPipe is pending
 // included), the proxy serves the next request, and no fd or child is left behind.
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
@@ -24,8 +24,15 @@ const SIZE = 65_536;
 /** Failing a blob that never ends must take this long at most. */
 const BOUNDED_MS = 10_000;
 
+const scratchDirs: string[] = [];
+after(() => {
+  for (const dir of scratchDirs) rmSync(dir, { recursive: true, force: true });
+});
+
 function scratch(): string {
-  return mkdtempSync(join(tmpdir(), "cip-past-size-"));
+  const dir = mkdtempSync(join(tmpdir(), "cip-past-size-"));
+  scratchDirs.push(dir);
+  return dir;
 }
 
 /** A fake peer whose GetBlob sends the declared bytes, then zeros forever; `log` gets what it wrote. */

@@ -1,10 +1,10 @@
 // Protocol edge cases no real skopeo produces on demand: a scripted peer (tests/helpers/fake-skopeo.py)
 // speaks the real wire format over the real adapter, then misbehaves. Each case checks the error type
 // and that no fd leaked.
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -260,8 +260,15 @@ function rawContent(n = RAW_BYTES): Uint8Array {
 }
 const RAW_DIGEST = "sha256:" + createHash("sha256").update(rawContent()).digest("hex");
 
+const callLogDirs: string[] = [];
+after(() => {
+  for (const dir of callLogDirs) rmSync(dir, { recursive: true, force: true });
+});
+
 function callLog(): { path: string; count: (method: string) => number } {
-  const path = join(mkdtempSync(join(tmpdir(), "cip-fake-")), "calls.log");
+  const dir = mkdtempSync(join(tmpdir(), "cip-fake-"));
+  callLogDirs.push(dir);
+  const path = join(dir, "calls.log");
   return {
     path,
     count: (method) =>

@@ -228,6 +228,20 @@ test("a zstd bomb is decoded in slices that let timers run in between", async ()
   assert.ok(gap < took / 2, `timers waited ${gap.toFixed(0)} ms of ${took.toFixed(0)} ms`);
 });
 
+test("a zstd layer stream cancelled before its first read cancels the layer's stream", async (t) => {
+  const missing = requireTool("zstd");
+  if (missing) return t.skip(missing);
+  const frame = zstd(new Uint8Array(1 << 20));
+  let cancelled = false;
+  const layer = new ReadableStream<Uint8Array>({
+    start: (controller) => controller.enqueue(frame),
+    cancel: () => void (cancelled = true),
+  });
+  const { stream } = await decompress(layer);
+  await stream.cancel();
+  assert.ok(cancelled, "the layer's stream was left open");
+});
+
 const FILES: TarEntry[] = [
   { name: "a/", type: "dir" },
   { name: "a/one", content: "1".repeat(5000) },

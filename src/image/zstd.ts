@@ -303,6 +303,8 @@ export function workerZstdDecompress(input: ReadableStream<Uint8Array>): Readabl
     cancel: async () => {
       stop();
       await pieces.return(undefined).catch(() => {});
+      // Cancelled before its first read, the generator never ran, nor its `finally`.
+      if (!input.locked) await input.cancel().catch(() => {});
     },
   }, { highWaterMark: 0 });
 }

@@ -33,9 +33,7 @@ const INSPECT = join(ROOT, "examples", "inspect-image.ts");
 
 for (const server of SERVERS) {
   test(`the inspect example lists /etc and prints a file under ${RUNTIME} (${server.name})`, () => {
-    const command = RUNTIME === "bun"
-      ? [process.execPath, INSPECT]
-      : [process.execPath, "run", "--allow-ffi", "--allow-run", "--allow-env=SKOPEO", INSPECT];
+    const command = scriptCommand(INSPECT, ["--allow-ffi", "--allow-run", "--allow-env=SKOPEO"]);
     const result = spawnSync(command[0], [...command.slice(1), `oci:${fixtures.layout}:latest`, "/bin/sh"], {
       env: { ...process.env, SKOPEO: server.skopeoCmd.join(" "), NO_COLOR: "1" },
       encoding: "utf8",

@@ -207,6 +207,41 @@ test("gzip and zstd bombs decompress in bounded chunks and memory", async () => 
   assert.equal(stats.skippedCount, 1);
 });
 
+test("a zstd bomb is decoded in slices that let timers run in between", async () => {
+  const bomb = zstdBomb(8192); // 1 GiB from 32 KiB.
+  let last = performance.now();
+  let gap = 0;
+  const timer = setInterval(() => {
+    gap = Math.max(gap, performance.now() - last);
+    last = performance.now();
+  }, 1);
+  const start = performance.now();
+  try {
+    const { stream } = await decompress(streamOf(bomb, 64 * 1024));
+    for await (const _ of stream) { /* only timers matter */ }
+  } finally {
+    clearInterval(timer);
+  }
+  gap = Math.max(gap, performance.now() - last);
+  const took = performance.now() - start;
+  // Decoding all of it on the JS thread in one go would hold the timer for nearly the whole time.
+  assert.ok(gap < took / 2, `timers waited ${gap.toFixed(0)} ms of ${took.toFixed(0)} ms`);
+});
+
+test("a zstd layer stream cancelled before its first read cancels the layer's stream", async (t) => {
+  const missing = requireTool("zstd");
+  if (missing) return t.skip(missing);
+  const frame = zstd(new Uint8Array(1 << 20));
+  let cancelled = false;
+  const layer = new ReadableStream<Uint8Array>({
+    start: (controller) => controller.enqueue(frame),
+    cancel: () => void (cancelled = true),
+  });
+  const { stream } = await decompress(layer);
+  await stream.cancel();
+  assert.ok(cancelled, "the layer's stream was left open");
+});
+
 const FILES: TarEntry[] = [
   { name: "a/", type: "dir" },
   { name: "a/one", content: "1".repeat(5000) },

@@ -8,16 +8,16 @@
  * refuses a second member and turns 64 KiB of a bomb into one 64 MB chunk), fed at most
  * {@linkcode GZIP_PIECE} bytes at a time, so that one write never yields more than about 16 MB.
  * zstd goes through {@linkcode zstdPieces}, a few blocks at a time, to the native decoder (in a
- * worker under Deno, see `zstd.ts`).
+ * worker under Deno; the system's libzstd under Node before 22.15; see `zstd.ts`).
  *
  * @module
  */
 
 import * as zlib from "node:zlib";
-import { detectRuntime } from "../runtime/detect.ts";
+import { detectRuntime, openNodeZstdDecoder } from "../runtime/detect.ts";
 import { concat } from "../bytes.ts";
-import { LayerError } from "./errors.ts";
-import { BATCH_OUTPUT, workerZstdDecompress, zstdPieces } from "./zstd.ts";
+import { LAYER_LIMITS, LayerError } from "./errors.ts";
+import { BATCH_OUTPUT, decoderZstdDecompress, workerZstdDecompress, zstdPieces } from "./zstd.ts";
 
 /** The most compressed bytes given to gzip at once: deflate yields at most 1032 bytes for each. */
 export const GZIP_PIECE = 16 * 1024;
@@ -162,6 +162,7 @@ export function zstdDecompress(input: ReadableStream<Uint8Array>): ReadableStrea
   if (detectRuntime() === "deno") return workerZstdDecompress(input);
   const create = (zlib as unknown as { createZstdDecompress?: () => NodeTransform }).createZstdDecompress;
   if (typeof create !== "function") {
+    if (detectRuntime() === "node") return decoderZstdDecompress(input, openLibzstd);
     throw new LayerError(
       "This runtime's node:zlib cannot decompress zstd: run Node 22.15 or newer, or a current Bun or Deno",
     );
@@ -182,6 +183,24 @@ export function zstdDecompress(input: ReadableStream<Uint8Array>): ReadableStrea
     if (batch.length > 0) yield concat(batch);
   }
   return throughNode(create(), bytes(), "zstd");
+}
+
+/** libzstd's decoder, for Node before 22.15: every Debian system has it, since apt needs it. */
+async function openLibzstd() {
+  try {
+    return await openNodeZstdDecoder({
+      chunkBytes: LAYER_LIMITS.chunkBytes,
+      windowLogMax: Math.log2(LAYER_LIMITS.zstdWindowBytes),
+    });
+  } catch (err) {
+    throw new LayerError(
+      `This Node's node:zlib cannot decompress zstd, and "libzstd.so.1" cannot be loaded: ${
+        (err as Error)?.message ?? err
+      }; install the libzstd1 package, or run Node 22.15 or newer`,
+      undefined,
+      { cause: err },
+    );
+  }
 }
 
 /**

@@ -34,3 +34,19 @@ export async function defaultTransportFactory(): Promise<TransportFactory> {
       );
   }
 }
+
+export type { ZstdDecoder, ZstdDecoderOptions } from "./node-zstd.ts";
+
+/**
+ * Opens a zstd decoder on the system's libzstd, for Node before 22.15, whose `node:zlib` has no zstd.
+ * Loaded on demand, like the adapters, so that only Node loads it.
+ *
+ * @param options the chunk size and window limit.
+ * @returns the decoder.
+ * @throws {Error} when `libzstd.so.1` cannot be loaded.
+ */
+export async function openNodeZstdDecoder(
+  options: import("./node-zstd.ts").ZstdDecoderOptions,
+): Promise<import("./node-zstd.ts").ZstdDecoder> {
+  return (await import("./node-zstd.ts")).openZstdDecoder(options);
+}

@@ -6,7 +6,6 @@
 import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readlinkSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
-import * as zlib from "node:zlib";
 import { fileURLToPath } from "node:url";
 import { concat } from "../../src/bytes.ts";
 
@@ -30,14 +29,6 @@ export function scriptCommand(script: string, denoFlags: string[]): string[] {
   if (RUNTIME === "node") return [process.execPath, "--import", import.meta.resolve("tsx"), script];
   return [process.execPath, script];
 }
-
-/**
- * Whether this runtime's `node:zlib` decompresses zstd: Deno and Bun do, Node only from 22.15. Without
- * it, a zstd layer must fail with a clear `LayerError` instead.
- */
-export const ZSTD_IN_ZLIB: boolean =
-  typeof (zlib as { createZstdDecompress?: unknown }).createZstdDecompress ===
-    "function";
 
 /** Whether this is a CI run, where nothing may be skipped for lack of a dependency. */
 export const IN_CI: boolean = process.env.CI === "true";

@@ -12,7 +12,8 @@
  * looked up on the host), as GNU tar and umoci do; otherwise, or with `sameOwner: false`, files belong
  * to whoever runs it and setuid and setgid bits are dropped, so that an untrusted layer never leaves
  * a setuid program owned by someone it did not name. Device nodes and FIFOs are skipped and counted
- * in the result (the first few by name), since they cannot be created without `mknod`.
+ * in the result (the first few by name), since they cannot be created without `mknod`. Sparse files
+ * (GNU tar's PAX format 1.0) keep their holes: only their data is written, at its offsets.
  *
  * Memory stays bounded whatever a layer holds ({@linkcode LAYER_LIMITS}); a layer over a limit fails
  * with a {@linkcode LayerLimitError} naming it.
@@ -26,7 +27,7 @@ import { chmod, lchown, link, mkdir, open, readdir, symlink, utimes } from "node
 import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
-import { readTar, TarFormatError, type TarHeader } from "./tar.ts";
+import { readTar, type TarEntry, TarFormatError } from "./tar.ts";
 import {
   DirectoryNotEmptyError,
   LAYER_LIMITS,
@@ -217,9 +218,8 @@ export async function applyLayer(
       }
       const parent = await applyEntry(
         target,
-        header,
+        entry,
         parts,
-        entry.content(),
         stats,
         directoryModes,
         sameOwner,
@@ -278,13 +278,13 @@ async function pruneLower(
 /** Creates one entry; returns the real path of its parent, or `null` when it was skipped. */
 async function applyEntry(
   target: Target,
-  header: TarHeader,
+  entry: TarEntry,
   parts: string[],
-  content: AsyncIterable<Uint8Array>,
   stats: LayerStats,
   directoryModes: DirectoryModes,
   sameOwner: boolean,
 ): Promise<string | null> {
+  const header = entry.header;
   const name = header.name;
   if (header.type === "character-device" || header.type === "block-device" || header.type === "fifo") {
     if (stats.skipped.length < LAYER_LIMITS.skippedNames) stats.skipped.push(`${header.type} ${name}`);
@@ -336,9 +336,19 @@ async function applyEntry(
       // "wx" is O_CREAT|O_EXCL: it never follows a symlink, and the path was just cleared.
       const handle = await open(path, "wx", 0o600);
       try {
-        for await (const chunk of content) {
-          await writeAll(handle, chunk);
-          stats.bytes += chunk.length;
+        if (header.sparse === undefined) {
+          for await (const chunk of entry.content()) {
+            await writeAll(handle, chunk);
+            stats.bytes += chunk.length;
+          }
+        } else {
+          // Only the data is written, each segment at its offset: the holes stay holes, as GNU tar
+          // leaves them, and the size is set last (a file may end in a hole).
+          for await (const { offset, data } of entry.segments()) {
+            await writeAll(handle, data, offset);
+            stats.bytes += data.length;
+          }
+          await handle.truncate(header.size);
         }
       } finally {
         await handle.close();

@@ -167,13 +167,16 @@ export async function removeWritten(path: string, node: WrittenNode | undefined)
   }
 }
 
+/** Writes all of `chunk` at the file's position, or at `position` when given (a positional write). */
 export async function writeAll(
   handle: Awaited<ReturnType<typeof open>>,
   chunk: Uint8Array,
+  position?: number,
 ): Promise<void> {
   let offset = 0;
   while (offset < chunk.length) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset);
+    const at = position === undefined ? null : position + offset;
+    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset, at);
     offset += bytesWritten;
   }
 }

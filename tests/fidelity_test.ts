@@ -19,14 +19,12 @@ import { type Aspect, compareTrees, describe } from "./helpers/tree-compare.ts";
  *   `latin/caf\xef\xbf\xbd`.
  * - `mtime-ns`: PAX times go through a double, so nanoseconds are lost (milliseconds are kept).
  * - `symlink-mtime`: a symlink keeps the time of its creation.
- * - `root-mtime`: the layer's `./` entry is skipped, so the root keeps the time of the extraction.
  */
 const NOT_YET_FAITHFUL: readonly (Aspect | "pax-sparse")[] = [
   "xattrs",
   "non-utf8-names",
   "mtime-ns",
   "symlink-mtime",
-  "root-mtime",
 ];
 
 /** Fails on any difference outside NOT_YET_FAITHFUL, and on a listed aspect that no longer differs. */

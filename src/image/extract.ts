@@ -107,6 +107,13 @@ export interface ApplyLayerOptions {
    * are not kept, setuid and setgid bits are dropped.
    */
   sameOwner?: boolean;
+  /**
+   * Apply the layer's root entry (`./`) to `dir` itself: its mode, its owner (with `sameOwner`) and its
+   * time, as GNU tar does. Default: when `dir` is missing or empty as the call begins, so that a layer
+   * applied over a directory that holds other things never changes it. Pass `true` for every layer of
+   * an image that started in an empty directory (what {@linkcode extractImage} does).
+   */
+  rootEntry?: boolean;
 }
 
 /**
@@ -134,6 +141,7 @@ export async function applyLayer(
 ): Promise<LayerStats> {
   const { signal } = options;
   signal?.throwIfAborted();
+  const rootEntry = options.rootEntry ?? (await readdirOrEmpty(dir)).length === 0;
   const target = await Target.open(dir);
   let decompressed: { compression: Compression; stream: ReadableStream<Uint8Array> };
   try {
@@ -187,8 +195,15 @@ export async function applyLayer(
       const header = entry.header;
       const parts = components(header.name);
       if (parts.length === 0) {
-        if (header.type === "directory") continue; // The root itself ("./").
-        throw unsafe(header.name, "it names the target directory itself");
+        if (header.type !== "directory") throw unsafe(header.name, "it names the target directory itself");
+        if (rootEntry) {
+          if (sameOwner) await lchown(target.root, header.uid, header.gid);
+          directoryModes.set(target.root, {
+            mode: sameOwner ? header.mode : header.mode & ~0o6000,
+            mtime: header.mtime,
+          });
+        }
+        continue;
       }
       const base = parts[parts.length - 1];
       const parentParts = parts.slice(0, -1);
@@ -462,7 +477,9 @@ export async function extractImage(
   options: ExtractOptions = {},
 ): Promise<ExtractResult> {
   const { signal, onProgress } = options;
-  if (!options.overwrite && (await readdirOrEmpty(dir)).length > 0) throw new DirectoryNotEmptyError(dir);
+  // The layers' root entries apply to `dir` only when it holds nothing of anyone else's.
+  const empty = (await readdirOrEmpty(dir)).length === 0;
+  if (!options.overwrite && !empty) throw new DirectoryNotEmptyError(dir);
   const { digest, manifest } = await proxy.fetchManifest(image);
   let diffIds: string[] | undefined;
   if (options.verifyDiffIds ?? true) {
@@ -501,6 +518,7 @@ export async function extractImage(
         directoryModes,
         writtenPaths,
         sameOwner: options.sameOwner,
+        rootEntry: empty,
       });
     } catch (err) {
       if (err instanceof LayerLimitError && err.digest === undefined) {

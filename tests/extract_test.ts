@@ -362,6 +362,18 @@ test("applyLayer gives the layer's ./ entry's mode and time to an empty target, 
   assert.equal(statSync(used).mtimeMs, 1700000000_000);
 });
 
+test("applyLayer gives a symlink its own time, dangling or not, without touching its target", async () => {
+  const dir = tempDir("symlink-time");
+  await apply([
+    { name: "target", content: "x" },
+    { name: "link", type: "symlink", linkname: "target" },
+    { name: "dangling", type: "symlink", linkname: "nowhere" },
+  ], dir);
+  assert.equal(lstatSync(join(dir, "link")).mtimeMs, 1700000000_000);
+  assert.equal(lstatSync(join(dir, "dangling")).mtimeMs, 1700000000_000);
+  assert.equal(statSync(join(dir, "target")).mtimeMs, 1700000000_000);
+});
+
 test("applyLayer refuses an absolute hardlink target", async () => {
   const dir = tempDir("hostile");
   await assertRefused([{ name: "h", type: "link", linkname: "/etc/passwd" }], dir, "h");

@@ -18,7 +18,7 @@ import { type Aspect, compareTrees, describe } from "./helpers/tree-compare.ts";
  * - `non-utf8-names`: names are decoded as UTF-8, so `latin/caf\xe8` and `latin/caf\xe9` become one
  *   `latin/caf\xef\xbf\xbd`.
  * - `mtime-ns`: PAX times go through a double, so nanoseconds are lost (milliseconds are kept).
- * - `symlink-mtime`: a symlink keeps the time of its creation.
+ * - `symlink-mtime`: a symlink's own time is kept (`lutimes`), but to the millisecond, as `mtime-ns`.
  */
 const NOT_YET_FAITHFUL: readonly (Aspect | "pax-sparse")[] = [
   "xattrs",

@@ -23,7 +23,7 @@
  */
 
 import { createHash } from "node:crypto";
-import { chmod, lchown, link, mkdir, open, readdir, symlink, utimes } from "node:fs/promises";
+import { chmod, lchown, link, lutimes, mkdir, open, readdir, symlink, utimes } from "node:fs/promises";
 import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
@@ -377,6 +377,7 @@ async function applyEntry(
     case "symlink":
       await symlink(header.linkname, path);
       await chown();
+      await lutimes(path, mtime, mtime); // The link's own time: utimes would follow it.
       target.forget();
       stats.symlinks++;
       return parent;

@@ -14,17 +14,11 @@ import { type Aspect, compareTrees, describe } from "./helpers/tree-compare.ts";
  * of the tree must be equal, and is checked. A fix removes its entry here, and the test then holds the
  * aspect to GNU tar; an entry whose aspect already matches fails the test, so this list stays true.
  *
- * - `xattrs`: no extended attribute is written (`security.capability` of bin/ping, `user.*`).
  * - `non-utf8-names`: names are decoded as UTF-8, so `latin/caf\xe8` and `latin/caf\xe9` become one
  *   `latin/caf\xef\xbf\xbd`.
- * - `mtime-ns`: PAX times go through a double, so nanoseconds are lost (milliseconds are kept).
- * - `symlink-mtime`: a symlink's own time is kept (`lutimes`), but to the millisecond, as `mtime-ns`.
  */
 const NOT_YET_FAITHFUL: readonly (Aspect | "pax-sparse")[] = [
-  "xattrs",
   "non-utf8-names",
-  "mtime-ns",
-  "symlink-mtime",
 ];
 
 /** Fails on any difference outside NOT_YET_FAITHFUL, and on a listed aspect that no longer differs. */

@@ -59,6 +59,8 @@ export const LAYER_LIMITS = {
   skippedNames: 20,
   /** Bytes of a sparse file's map of data segments (GNU format 1.0: about 16 bytes per segment). */
   sparseMapBytes: 1 << 20,
+  /** Bytes of one entry's extended attributes (PAX `SCHILY.xattr.*` records, names and values). */
+  xattrBytes: 1 << 16,
   /** The largest chunk decompression hands on, in bytes. */
   chunkBytes: 1 << 20,
   /** The largest zstd window accepted (zstd's own default limit, `--memory=128MB`). */

@@ -23,31 +23,24 @@
  */
 
 import { createHash } from "node:crypto";
-import { chmod, lchown, link, lutimes, mkdir, open, readdir, symlink, utimes } from "node:fs/promises";
+import { lchown } from "node:fs/promises";
 import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
-import { readTar, type TarEntry, TarFormatError } from "./tar.ts";
-import {
-  DirectoryNotEmptyError,
-  LAYER_LIMITS,
-  LayerError,
-  LayerLimitError,
-  UnsafeEntryError,
-} from "./errors.ts";
-import { type WrittenNode, WrittenPaths } from "./paths.ts";
+import { readTar, TarFormatError } from "./tar.ts";
+import { DirectoryNotEmptyError, LayerError, LayerLimitError, UnsafeEntryError } from "./errors.ts";
+import { WrittenPaths } from "./paths.ts";
+import { applyEntry, type LayerStats, pruneLower } from "./entry.ts";
+import { EntryMetadata } from "./metadata.ts";
 import {
   applyDirectoryModes,
   components,
   type DirectoryModes,
-  lstatOrNull,
   readdirOrEmpty,
-  remove,
   removeWritten,
   runningAsRoot,
   Target,
   unsafe,
-  writeAll,
 } from "./target.ts";
 export type { Compression } from "./decompress.ts";
 export {
@@ -58,31 +51,8 @@ export {
   UnsafeEntryError,
 } from "./errors.ts";
 export { type WrittenNode, WrittenPaths } from "./paths.ts";
+export type { LayerStats } from "./entry.ts";
 export { applyDirectoryModes, type DirectoryModes } from "./target.ts";
-
-/** What applying one layer did. */
-export interface LayerStats {
-  /** The compression found in the layer's first bytes. */
-  compression: Compression;
-  /** Tar entries read. */
-  entries: number;
-  /** Regular files written. */
-  files: number;
-  /** Directories created or updated. */
-  directories: number;
-  /** Symlinks created. */
-  symlinks: number;
-  /** Hardlinks created. */
-  hardlinks: number;
-  /** Whiteouts applied (`.wh.NAME` and opaque markers). */
-  whiteouts: number;
-  /** File content bytes written. */
-  bytes: number;
-  /** The first entries not created (device nodes, FIFOs), as `TYPE NAME` (`LAYER_LIMITS.skippedNames`). */
-  skipped: string[];
-  /** How many entries were not created, named in `skipped` or not. */
-  skippedCount: number;
-}
 
 /** Options for {@linkcode applyLayer}. */
 export interface ApplyLayerOptions {
@@ -114,6 +84,8 @@ export interface ApplyLayerOptions {
    * an image that started in an empty directory (what {@linkcode extractImage} does).
    */
   rootEntry?: boolean;
+  /** Write the entries' extended attributes (PAX `SCHILY.xattr.*`; default true). */
+  xattrs?: boolean;
 }
 
 /**
@@ -161,6 +133,8 @@ export async function applyLayer(
     bytes: 0,
     skipped: [],
     skippedCount: 0,
+    xattrs: 0,
+    xattrsSkipped: 0,
   };
   let tarStream = decompressed.stream;
   let hash: ReturnType<typeof createHash> | undefined;
@@ -185,7 +159,9 @@ export async function applyLayer(
   const imageScoped = options.writtenPaths !== undefined;
   const written = options.writtenPaths ?? new WrittenPaths();
   const layer = written.nextLayer();
-  const sameOwner = options.sameOwner ?? await runningAsRoot(target.root);
+  const asRoot = await runningAsRoot(target.root);
+  const sameOwner = options.sameOwner ?? asRoot;
+  const metadata = await EntryMetadata.open({ xattrs: options.xattrs ?? true, asRoot });
   const opaque = new Map<string, string[]>();
 
   try {
@@ -198,9 +174,11 @@ export async function applyLayer(
         if (header.type !== "directory") throw unsafe(header.name, "it names the target directory itself");
         if (rootEntry) {
           if (sameOwner) await lchown(target.root, header.uid, header.gid);
+          metadata.xattrs(target.root, header, stats);
           directoryModes.set(target.root, {
             mode: sameOwner ? header.mode : header.mode & ~0o6000,
             mtime: header.mtime,
+            mtimeNs: header.mtimeNs,
           });
         }
         continue;
@@ -238,6 +216,7 @@ export async function applyLayer(
         stats,
         directoryModes,
         sameOwner,
+        metadata,
       );
       if (parent !== null) written.mark([...target.relative(parent), base]);
     }
@@ -263,130 +242,8 @@ export async function applyLayer(
       );
     }
   }
-  if (ownModes) await applyDirectoryModes(directoryModes);
+  if (ownModes) await applyDirectoryModes(directoryModes, metadata);
   return stats;
-}
-
-/**
- * Removes what lower layers put under `real` (an opaque directory): everything this layer did not
- * write, or with `imageScoped`, only what earlier layers of the image wrote.
- */
-async function pruneLower(
-  real: string,
-  node: WrittenNode | undefined,
-  layer: number,
-  imageScoped: boolean,
-): Promise<void> {
-  for (const name of await readdir(real)) {
-    const child = node?.children?.get(name);
-    const path = `${real}/${name}`;
-    if (child?.layer === layer) {
-      if ((await lstatOrNull(path))?.isDirectory()) await pruneLower(path, child, layer, imageScoped);
-      continue;
-    }
-    if (imageScoped && child === undefined) continue;
-    await removeWritten(path, imageScoped ? child : undefined);
-    node?.children?.delete(name);
-  }
-}
-
-/** Creates one entry; returns the real path of its parent, or `null` when it was skipped. */
-async function applyEntry(
-  target: Target,
-  entry: TarEntry,
-  parts: string[],
-  stats: LayerStats,
-  directoryModes: DirectoryModes,
-  sameOwner: boolean,
-): Promise<string | null> {
-  const header = entry.header;
-  const name = header.name;
-  if (header.type === "character-device" || header.type === "block-device" || header.type === "fifo") {
-    if (stats.skipped.length < LAYER_LIMITS.skippedNames) stats.skipped.push(`${header.type} ${name}`);
-    stats.skippedCount++;
-    return null;
-  }
-  // Check a hardlink's target before anything is created for the entry.
-  let linkTarget: string | undefined;
-  if (header.type === "hardlink") {
-    const targetParts = components(header.linkname, name, `its hardlink target "${header.linkname}"`);
-    if (targetParts.length === 0) throw unsafe(name, "its hardlink target is the target directory");
-    const parent = await target.directory(name, targetParts.slice(0, -1), false);
-    const path = parent === null ? null : `${parent}/${targetParts[targetParts.length - 1]}`;
-    const info = path === null ? null : await lstatOrNull(path);
-    if (path === null || info === null) {
-      throw new LayerError(
-        `Cannot create hardlink "${name}": its target "${header.linkname}" does not exist`,
-      );
-    }
-    if (info.isDirectory()) throw unsafe(name, `its hardlink target "${header.linkname}" is a directory`);
-    linkTarget = path;
-  }
-  const parent = (await target.directory(name, parts.slice(0, -1), true))!;
-  const path = `${parent}/${parts[parts.length - 1]}`;
-  const existing = await lstatOrNull(path);
-  const mtime = Number.isFinite(header.mtime) ? header.mtime : 0;
-  // Without the layer's owners, a setuid or setgid bit would grant the extracting user's rights.
-  const mode = sameOwner ? header.mode : header.mode & ~0o6000;
-  const chown = () => sameOwner ? lchown(path, header.uid, header.gid) : Promise.resolve();
-
-  if (header.type === "directory") {
-    if (existing !== null && !existing.isDirectory()) {
-      await remove(path);
-      target.forget();
-    }
-    if (existing === null || !existing.isDirectory()) await mkdir(path, { mode: 0o755 });
-    await chown();
-    stats.directories++;
-    directoryModes.set(path, { mode, mtime });
-    return parent;
-  }
-  if (existing !== null) {
-    if (linkTarget === path) return parent; // A hardlink to itself.
-    await remove(path);
-    target.forget();
-  }
-  switch (header.type) {
-    case "file": {
-      // "wx" is O_CREAT|O_EXCL: it never follows a symlink, and the path was just cleared.
-      const handle = await open(path, "wx", 0o600);
-      try {
-        if (header.sparse === undefined) {
-          for await (const chunk of entry.content()) {
-            await writeAll(handle, chunk);
-            stats.bytes += chunk.length;
-          }
-        } else {
-          // Only the data is written, each segment at its offset: the holes stay holes, as GNU tar
-          // leaves them, and the size is set last (a file may end in a hole).
-          for await (const { offset, data } of entry.segments()) {
-            await writeAll(handle, data, offset);
-            stats.bytes += data.length;
-          }
-          await handle.truncate(header.size);
-        }
-      } finally {
-        await handle.close();
-      }
-      await chown(); // Before chmod: changing the owner clears setuid and setgid.
-      await chmod(path, mode);
-      await utimes(path, mtime, mtime);
-      stats.files++;
-      return parent;
-    }
-    case "symlink":
-      await symlink(header.linkname, path);
-      await chown();
-      await lutimes(path, mtime, mtime); // The link's own time: utimes would follow it.
-      target.forget();
-      stats.symlinks++;
-      return parent;
-    case "hardlink":
-      await link(linkTarget!, path);
-      stats.hardlinks++;
-      return parent;
-  }
-  return null;
 }
 
 /** Progress of {@linkcode extractImage} (and of the CLI's fetch). */
@@ -421,6 +278,8 @@ export interface ExtractOptions {
   overwrite?: boolean;
   /** Keep each entry's numeric owner and group; see {@linkcode ApplyLayerOptions.sameOwner}. */
   sameOwner?: boolean;
+  /** Write the entries' extended attributes (default true); see {@linkcode ApplyLayerOptions.xattrs}. */
+  xattrs?: boolean;
 }
 
 /** What {@linkcode extractImage} did. */
@@ -520,6 +379,7 @@ export async function extractImage(
         writtenPaths,
         sameOwner: options.sameOwner,
         rootEntry: empty,
+        xattrs: options.xattrs,
       });
     } catch (err) {
       if (err instanceof LayerLimitError && err.digest === undefined) {

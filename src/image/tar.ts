@@ -45,6 +45,8 @@ export interface TarHeader {
   size: number;
   /** Modification time in seconds since the epoch (may have a fraction from PAX). */
   mtime: number;
+  /** The same time in nanoseconds, exact: a PAX time's digits, never through a double. */
+  mtimeNs: bigint;
   /** The target of a symlink or hardlink, as stored; empty for other types. */
   linkname: string;
   /** Device numbers of character and block devices. */
@@ -56,6 +58,11 @@ export interface TarHeader {
    * hole. Absent for every other entry.
    */
   sparse?: readonly SparseSegment[];
+  /**
+   * Extended attributes from the entry's PAX `SCHILY.xattr.NAME` records (what GNU tar `--xattrs`
+   * writes), name to value bytes, in the archive's order. Absent when there are none.
+   */
+  xattrs?: [string, Uint8Array][];
 }
 
 /** A run of data in a sparse file: `length` bytes at `offset`. */
@@ -222,12 +229,18 @@ const PAX_KEYS = new Set([
   "GNU.sparse.offset",
 ]);
 
+/** The PAX key prefix of an extended attribute (GNU tar and star). */
+const XATTR_PREFIX = "SCHILY.xattr.";
+
 /**
- * Parses PAX records (`LENGTH KEY=VALUE\n`) into `into`, keeping only {@linkcode PAX_KEYS}.
+ * Parses PAX records (`LENGTH KEY=VALUE\n`) into `into`, keeping only {@linkcode PAX_KEYS}; with
+ * `xattrs`, extended attributes go there, their values as bytes (they are binary, not UTF-8).
  *
  * @throws {TarFormatError} for malformed records.
+ * @throws {LayerLimitError} when the extended attributes take more than `LAYER_LIMITS.xattrBytes`.
  */
-function parsePax(data: Uint8Array, into: Map<string, string>): void {
+function parsePax(data: Uint8Array, into: Map<string, string>, xattrs?: [string, Uint8Array][]): void {
+  let xattrBytes = 0;
   let offset = 0;
   while (offset < data.length) {
     const space = data.indexOf(0x20, offset);
@@ -241,6 +254,17 @@ function parsePax(data: Uint8Array, into: Map<string, string>): void {
     if (equals <= 0) throw new TarFormatError("Malformed PAX record");
     const key = decoder.decode(record.subarray(0, equals));
     if (PAX_KEYS.has(key)) into.set(key, decoder.decode(record.subarray(equals + 1)));
+    else if (xattrs !== undefined && key.startsWith(XATTR_PREFIX) && key.length > XATTR_PREFIX.length) {
+      xattrBytes += record.length;
+      if (xattrBytes > LAYER_LIMITS.xattrBytes) {
+        throw new LayerLimitError(
+          "xattrBytes",
+          `Extended attributes of ${xattrBytes} bytes or more on one entry`,
+        );
+      }
+      // A copy: the record is a view into the reader's buffers.
+      xattrs.push([key.slice(XATTR_PREFIX.length), record.slice(equals + 1)]);
+    }
     offset += length;
   }
 }
@@ -271,6 +295,16 @@ const TYPES: Record<string, TarEntryType> = {
   "6": "fifo",
 };
 
+/**
+ * A PAX time (`SECONDS[.FRACTION]`) in nanoseconds, from its digits; digits past the ninth are dropped,
+ * as GNU tar drops them.
+ */
+function paxTimeNs(text: string): bigint | undefined {
+  const match = /^([0-9]{1,20})(?:\.([0-9]*))?$/.exec(text);
+  if (match === null) return undefined;
+  return BigInt(match[1]) * 1_000_000_000n + BigInt((match[2] ?? "").slice(0, 9).padEnd(9, "0"));
+}
+
 function paxNumber(records: PaxRecords, key: string, fallback: number): number {
   const text = records.get(key);
   if (text === undefined) return fallback;
@@ -299,6 +333,7 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
   let finished = false;
   try {
     let pax = new Map<string, string>();
+    let xattrs: [string, Uint8Array][] = [];
     let longName: string | undefined;
     let longLink: string | undefined;
     for (;;) {
@@ -330,7 +365,8 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
         const body = data.subarray(0, size);
         if (typeflag === "x") {
           pax = new Map();
-          parsePax(body, pax);
+          xattrs = [];
+          parsePax(body, pax, xattrs);
         } else if (typeflag === "g") parsePax(body, globalPax);
         else {
           const end = body.indexOf(0);
@@ -342,7 +378,9 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
       }
       const local = pax;
       const records: PaxRecords = { get: (key) => local.get(key) ?? globalPax.get(key) };
+      const localXattrs = xattrs;
       pax = new Map();
+      xattrs = [];
       let type = TYPES[typeflag];
       if (typeflag === "S") {
         throw new TarFormatError('GNU sparse files of the old GNU format (type "S") are not supported');
@@ -374,10 +412,16 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
         gid: paxNumber(records, "gid", numeric(block, 116, 8, "gid")),
         size: type === "file" ? paxNumber(records, "size", size) : 0,
         mtime: paxNumber(records, "mtime", numeric(block, 136, 12, "mtime")),
+        mtimeNs: 0n,
         linkname: type === "symlink" || type === "hardlink" ? linkname : "",
         devmajor: numeric(block, 329, 8, "device number"),
         devminor: numeric(block, 337, 8, "device number"),
       };
+      const paxTime = records.get("mtime");
+      header.mtimeNs = paxTime === undefined
+        ? BigInt(header.mtime) * 1_000_000_000n
+        : paxTimeNs(paxTime) ?? BigInt(Math.round(header.mtime * 1e9)); // An exponent: rare, not exact.
+      if (localXattrs.length > 0) header.xattrs = localXattrs;
       if (name.includes("\0") || linkname.includes("\0")) throw new TarFormatError("NUL in a tar name");
       // The data that follows: a PAX size overrides the header's; non-files may still carry data.
       const dataSize = type === "file" ? header.size : size;

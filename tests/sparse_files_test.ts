@@ -88,6 +88,7 @@ function gnuSparseLayer(size: number): { tar: Uint8Array; original: string } | s
   mkdirSync(join(dir, "tree", "sparse"), { recursive: true });
   const original = join(dir, "tree", "sparse", "holes");
   makeHoles(original, size);
+  execFileSync("ln", [original, join(dir, "tree", "sparse", "link")]);
   execFileSync("tar", [
     "--create",
     "--file",
@@ -96,6 +97,7 @@ function gnuSparseLayer(size: number): { tar: Uint8Array; original: string } | s
     join(dir, "tree"),
     "--format=pax",
     "--sparse",
+    "--sort=name",
     "--numeric-owner",
     ".",
   ]);
@@ -209,7 +211,7 @@ test("a sparse map claiming 2^40 segments is refused at 1 MiB of map, never allo
 });
 
 for (const server of SERVERS) {
-  test(`readFile returns a sparse file's content with its holes as zeros, listImage its real size, exportImage a regular file (${server.name})`, async (t) => {
+  test(`readFile returns a sparse file's content with its holes as zeros, listImage its real size, exportImage a sparse file, from a hardlink too (${server.name})`, async (t) => {
     const built = gnuSparseLayer(2 * MiB);
     if (typeof built === "string") return t.skip(built);
     const dir = tempDir("sparse");
@@ -225,11 +227,30 @@ for (const server of SERVERS) {
       const files = (await readAllEntries(exported, 4096)).filter((e) => e.header.type === "file");
       assert.deepEqual(files.map((e) => [e.header.name, e.header.size]), [["sparse/holes", 2 * MiB]]);
       assert.deepEqual(files[0].content, original);
-      // GNU tar reads the export as a regular file of the same bytes.
+      assert.ok(files[0].header.sparse !== undefined, "the export keeps the file sparse");
+      // GNU tar reads the export back to the same bytes, with the holes.
       const out = tempDir("sparse");
       execFileSync("tar", ["-x", "-C", out], { input: exported });
       assert.deepEqual(new Uint8Array(readFileSync(join(out, "sparse", "holes"))), original);
+      assert.ok(statSync(join(out, "sparse", "holes")).blocks * 512 < MiB, "holes stay holes");
       await proxy.closeImage(image);
+
+      // An upper layer replaces the file: its hardlink, kept aside while the layer is read, gets the bytes.
+      const shadowed = join(dir, "shadowed");
+      writeOciLayout(shadowed, [
+        layer(built.tar, "gzip"),
+        layer(
+          concatBytes(rawHeader({ name: "sparse/holes", type: "0", size: 3 }), padded("new"), END),
+          "none",
+        ),
+      ]);
+      const upper = await proxy.openImage(`oci:${shadowed}:latest`);
+      const out2 = tempDir("sparse");
+      execFileSync("tar", ["-x", "-C", out2], { input: await readAll(exportImage(proxy, upper)) });
+      assert.equal(readFileSync(join(out2, "sparse", "holes"), "utf8"), "new");
+      assert.deepEqual(new Uint8Array(readFileSync(join(out2, "sparse", "link"))), original);
+      assert.ok(statSync(join(out2, "sparse", "link")).blocks * 512 < MiB, "holes stay holes");
+      await proxy.closeImage(upper);
     });
   });
 }

@@ -14,7 +14,9 @@ const BLOCK = 512;
 
 /** A sparse file's facts from its PAX records (format 1.0), before its map is read. */
 export interface SparseRecords {
+  /** The file's real name (`GNU.sparse.name`); the header's is a stand-in. */
   name: string | undefined;
+  /** The file's full size, holes included (`GNU.sparse.realsize`). */
   realSize: number;
 }
 

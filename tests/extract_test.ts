@@ -331,6 +331,38 @@ test("applyLayer never applies a directory's mode through a symlink that replace
   assert.equal(statSync(join(outside, "sub")).mode & 0o777, 0o755);
 });
 
+test("applyLayer gives the layer's ./ entry's mode and time to an empty target, never to one that holds files", async () => {
+  const layer = [{ name: "./", type: "dir" as const, mode: 0o750 }, { name: "f", content: "x" }];
+  const fresh = join(tempDir("root-entry"), "new");
+  await apply(layer, fresh);
+  assert.equal(statSync(fresh).mode & 0o7777, 0o750);
+  assert.equal(statSync(fresh).mtimeMs, 1700000000_000);
+
+  const used = tempDir("root-entry");
+  writeFileSync(join(used, "mine"), "kept");
+  const before = statSync(used);
+  await apply(layer, used);
+  assert.equal(statSync(used).mode, before.mode);
+  assert.notEqual(statSync(used).mtimeMs, 1700000000_000);
+
+  // Asked explicitly (the later layers of an image that started empty), it applies over files too.
+  await applyLayer(streamOf(tar(layer)), used, { rootEntry: true });
+  assert.equal(statSync(used).mode & 0o7777, 0o750);
+  assert.equal(statSync(used).mtimeMs, 1700000000_000);
+});
+
+test("applyLayer gives a symlink its own time, dangling or not, without touching its target", async () => {
+  const dir = tempDir("symlink-time");
+  await apply([
+    { name: "target", content: "x" },
+    { name: "link", type: "symlink", linkname: "target" },
+    { name: "dangling", type: "symlink", linkname: "nowhere" },
+  ], dir);
+  assert.equal(lstatSync(join(dir, "link")).mtimeMs, 1700000000_000);
+  assert.equal(lstatSync(join(dir, "dangling")).mtimeMs, 1700000000_000);
+  assert.equal(statSync(join(dir, "target")).mtimeMs, 1700000000_000);
+});
+
 test("applyLayer refuses an absolute hardlink target", async () => {
   const dir = tempDir("hostile");
   await assertRefused([{ name: "h", type: "link", linkname: "/etc/passwd" }], dir, "h");

@@ -91,7 +91,7 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   extract: {
     operands: ["REF", "DIR"],
-    usage: "extract REF DIR [--overwrite] [--no-same-owner]",
+    usage: "extract REF DIR [--overwrite] [--no-same-owner] [--no-xattrs]",
     summary: "unpack the image's filesystem into DIR",
     help: "Applies every layer in order into DIR (created if missing), with OCI whiteouts. Entries that\n" +
       'would escape DIR (absolute names, "..", symlinks or hardlinks leading outside) are refused.\n' +
@@ -101,7 +101,9 @@ export const COMMANDS: Record<string, CommandSpec> = {
       "  --overwrite      extract into a DIR that already holds files (refused otherwise); whiteouts\n" +
       "                   then remove only what earlier layers of the image wrote\n" +
       "  --no-same-owner  files belong to the user running this, setuid and setgid bits dropped\n" +
-      "                   (the default when not running as root)",
+      "                   (the default when not running as root)\n" +
+      "  --no-xattrs      write no extended attributes (by default user.* and security.capability,\n" +
+      "                   and as root trusted.* and security.* too)",
   },
   ls: {
     operands: ["REF"],
@@ -166,6 +168,8 @@ export interface ParsedArgs {
   overwrite: boolean;
   /** `extract --no-same-owner`: files belong to the user running it, setuid and setgid dropped. */
   noSameOwner: boolean;
+  /** `extract --no-xattrs`: no extended attribute is written. */
+  noXattrs: boolean;
   /** `ls --json`. */
   json: boolean;
   /** `--platform OS/ARCH[/VARIANT]`, as given (its overrides are in `config`). */
@@ -273,6 +277,7 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     rawBlobs: false,
     overwrite: false,
     noSameOwner: false,
+    noXattrs: false,
     json: false,
     platform: undefined,
     cache: undefined,
@@ -348,9 +353,13 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
       parsed.rawBlobs = true;
       continue;
     }
-    if (parsed.command === "extract" && (name === "--overwrite" || name === "--no-same-owner")) {
+    if (
+      parsed.command === "extract" &&
+      (name === "--overwrite" || name === "--no-same-owner" || name === "--no-xattrs")
+    ) {
       if (inline !== undefined) throw new UsageError(`option ${name} takes no value`, "extract");
       if (name === "--overwrite") parsed.overwrite = true;
+      else if (name === "--no-xattrs") parsed.noXattrs = true;
       else parsed.noSameOwner = true;
       continue;
     }

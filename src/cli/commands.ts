@@ -171,10 +171,20 @@ async function extract(ctx: CommandContext): Promise<void> {
     onProgress: layerProgress(ctx, "extracting"),
     overwrite: ctx.args.overwrite,
     sameOwner: ctx.args.noSameOwner ? false : undefined,
+    xattrs: !ctx.args.noXattrs,
   });
   ctx.progress.clear();
-  const sum = (key: "files" | "directories" | "symlinks" | "hardlinks" | "whiteouts" | "bytes") =>
-    result.layers.reduce((n, l) => n + l[key], 0);
+  const sum = (
+    key:
+      | "files"
+      | "directories"
+      | "symlinks"
+      | "hardlinks"
+      | "whiteouts"
+      | "bytes"
+      | "xattrs"
+      | "xattrsSkipped",
+  ) => result.layers.reduce((n, l) => n + l[key], 0);
   await printJson(ctx.io, {
     reference: ctx.image.reference.toString(),
     digest: result.digest,
@@ -185,6 +195,8 @@ async function extract(ctx: CommandContext): Promise<void> {
     hardlinks: sum("hardlinks"),
     whiteouts: sum("whiteouts"),
     bytes: sum("bytes"),
+    xattrs: sum("xattrs"),
+    xattrsSkipped: sum("xattrsSkipped"),
     skipped: result.layers.flatMap((l) => l.skipped),
     skippedCount: result.layers.reduce((n, l) => n + l.skippedCount, 0),
     layers: result.layers.map((l) => ({

@@ -57,11 +57,24 @@ export const LAYER_LIMITS = {
   pathComponents: 1024,
   /** Names of skipped entries (devices, FIFOs) kept in a layer's stats; the rest are only counted. */
   skippedNames: 20,
+  /** Bytes of a sparse file's map of data segments (GNU format 1.0: about 16 bytes per segment). */
+  sparseMapBytes: 1 << 20,
+  /** Bytes of one entry's extended attributes (PAX `SCHILY.xattr.*` records, names and values). */
+  xattrBytes: 1 << 16,
   /** The largest chunk decompression hands on, in bytes. */
   chunkBytes: 1 << 20,
   /** The largest zstd window accepted (zstd's own default limit, `--memory=128MB`). */
   zstdWindowBytes: 1 << 27,
 } as const;
+
+/** The archive is malformed or uses a feature a layer must not (old GNU sparse formats, multi-volume). */
+export class TarFormatError extends Error {
+  /** Creates the error. */
+  constructor(message: string) {
+    super(message);
+    this.name = "TarFormatError";
+  }
+}
 
 /** A layer entry that would escape or misuse the target directory; nothing of it was written. */
 export class UnsafeEntryError extends ImageProxyError {

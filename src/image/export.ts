@@ -45,8 +45,8 @@ import {
   type ReadLayerOptions,
   WHITEOUT,
 } from "./layers.ts";
-import type { TarHeader } from "./tar.ts";
-import { END_OF_ARCHIVE, padding, tarHeaderBlocks } from "./tar-write.ts";
+import type { TarEntry, TarHeader } from "./tar.ts";
+import { END_OF_ARCHIVE, padding, sparseMapBlocks, storedSize, tarHeaderBlocks } from "./tar-write.ts";
 
 /** Options for {@linkcode exportImage}. */
 export interface ExportOptions extends ReadLayerOptions {
@@ -60,7 +60,7 @@ type Decision = "dir" | "other" | "deleted";
 /** What this layer had at a path, for the hardlinks that come after it. */
 type Seen =
   | { kind: "written"; as: string }
-  | { kind: "spilled"; file: string; size: number }
+  | { kind: "spilled"; file: string; header: TarHeader }
   | { kind: "hidden"; header: TarHeader };
 
 /** Shadowed files of one layer, kept on disk until the layer ends. */
@@ -73,14 +73,17 @@ class Spill {
     this.#parent = parent;
   }
 
-  async save(content: AsyncIterable<Uint8Array>): Promise<string> {
+  /** Keeps the entry's stored data (a sparse file's segments at their offsets, holes left as holes). */
+  async save(entry: TarEntry): Promise<string> {
     this.#dir ??= await mkdtemp(join(this.#parent, "cip-export-"));
     const file = join(this.#dir, String(this.#count++));
     const handle = await open(file, "wx", 0o600);
     try {
-      for await (const chunk of content) {
+      for await (const { offset: at, data } of entry.segments()) {
         let offset = 0;
-        while (offset < chunk.length) offset += (await handle.write(chunk, offset)).bytesWritten;
+        while (offset < data.length) {
+          offset += (await handle.write(data, offset, data.length - offset, at + offset)).bytesWritten;
+        }
       }
     } finally {
       await handle.close();
@@ -88,14 +91,18 @@ class Spill {
     return file;
   }
 
-  async *read(file: string): AsyncGenerator<Uint8Array> {
+  /** The stored data of what {@linkcode Spill.save} kept for `header`, as {@linkcode stored} hands it. */
+  async *read(file: string, header: TarHeader): AsyncGenerator<Uint8Array> {
     const handle = await open(file, "r");
     try {
-      for (;;) {
-        const buffer = new Uint8Array(1 << 16);
-        const { bytesRead } = await handle.read(buffer, 0, buffer.length);
-        if (bytesRead === 0) return;
-        yield buffer.subarray(0, bytesRead);
+      for (const segment of header.sparse ?? [{ offset: 0, length: header.size }]) {
+        for (let done = 0; done < segment.length;) {
+          const buffer = new Uint8Array(Math.min(1 << 16, segment.length - done));
+          const { bytesRead } = await handle.read(buffer, 0, buffer.length, segment.offset + done);
+          if (bytesRead === 0) return;
+          done += bytesRead;
+          yield buffer.subarray(0, bytesRead);
+        }
       }
     } finally {
       await handle.close();
@@ -126,22 +133,44 @@ class Flattener {
   }
 }
 
-function file(header: TarHeader, size: number): Uint8Array {
-  return tarHeaderBlocks({ ...header, type: "file", size, linkname: "" });
+/** A regular file's header for `header` (a hardlink that holds the bytes), as `content` describes them. */
+function file(header: TarHeader, content: TarHeader): Uint8Array {
+  return tarHeaderBlocks({
+    ...header,
+    type: "file",
+    size: content.size,
+    sparse: content.sparse,
+    linkname: "",
+  });
 }
 
 function link(header: TarHeader, target: string): Uint8Array {
   return tarHeaderBlocks({ ...header, type: "hardlink", size: 0, linkname: target });
 }
 
-async function* content(chunks: AsyncIterable<Uint8Array>, size: number): AsyncGenerator<Uint8Array> {
+/**
+ * A file entry's data as the archive stores it: the content, or for a sparse file its map, then its
+ * data segments (holes stay out of the export as they were out of the layer), then the padding.
+ */
+async function* stored(header: TarHeader, chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
+  const size = storedSize(header);
   let written = 0;
+  if (header.sparse !== undefined) {
+    const map = sparseMapBlocks(header.sparse);
+    written += map.length;
+    yield map;
+  }
   for await (const chunk of chunks) {
     written += chunk.length;
     yield chunk.slice(); // The tar reader's buffers are its own.
   }
   if (written !== size) throw new LayerError(`Export: a file's content has ${written} bytes, not ${size}`);
   if (padding(size) > 0) yield new Uint8Array(padding(size));
+}
+
+/** The stored data of a file entry, read from the layer. */
+async function* storedData(entry: TarEntry): AsyncGenerator<Uint8Array> {
+  for await (const { data } of entry.segments()) yield data;
 }
 
 async function* flatten(
@@ -183,8 +212,8 @@ async function* flatten(
           const before = seen.get(target);
           if (before?.kind === "written") yield link(header, before.as);
           else if (before?.kind === "spilled") {
-            yield file(header, before.size);
-            yield* content(spill.read(before.file), before.size);
+            yield file(header, before.header);
+            yield* stored(before.header, spill.read(before.file, before.header));
             seen.set(target, { kind: "written", as: path });
           } else if (before?.kind === "hidden") {
             yield tarHeaderBlocks({ ...before.header, name: path });
@@ -198,18 +227,18 @@ async function* flatten(
         if (visible) {
           if (header.type === "directory") directories.push(header);
           else yield tarHeaderBlocks(header);
-          if (header.type === "file") yield* content(entry.content(), header.size);
+          if (header.type === "file") yield* stored(header, storedData(entry));
           seen.set(path, { kind: "written", as: path });
           for (const w of waiting) yield link(w, path);
         } else if (header.type === "file" && waiting.length > 0) {
           // Hardlinks from upper layers to a file that did not survive: the first one holds its bytes.
           const [first, ...rest] = waiting;
-          yield file(first, header.size);
-          yield* content(entry.content(), header.size);
+          yield file(first, header);
+          yield* stored(header, storedData(entry));
           seen.set(path, { kind: "written", as: first.name });
           for (const w of rest) yield link(w, first.name);
         } else if (header.type === "file") {
-          seen.set(path, { kind: "spilled", file: await spill.save(entry.content()), size: header.size });
+          seen.set(path, { kind: "spilled", file: await spill.save(entry), header });
         } else {
           for (const w of waiting) yield tarHeaderBlocks({ ...header, name: w.name });
           if (header.type !== "directory") seen.set(path, { kind: "hidden", header });

@@ -12,7 +12,8 @@
  * looked up on the host), as GNU tar and umoci do; otherwise, or with `sameOwner: false`, files belong
  * to whoever runs it and setuid and setgid bits are dropped, so that an untrusted layer never leaves
  * a setuid program owned by someone it did not name. Device nodes and FIFOs are skipped and counted
- * in the result (the first few by name), since they cannot be created without `mknod`.
+ * in the result (the first few by name), since they cannot be created without `mknod`. Sparse files
+ * (GNU tar's PAX format 1.0) keep their holes: only their data is written, at its offsets.
  *
  * Memory stays bounded whatever a layer holds ({@linkcode LAYER_LIMITS}); a layer over a limit fails
  * with a {@linkcode LayerLimitError} naming it.
@@ -22,31 +23,24 @@
  */
 
 import { createHash } from "node:crypto";
-import { chmod, lchown, link, mkdir, open, readdir, symlink, utimes } from "node:fs/promises";
+import { lchown } from "node:fs/promises";
 import { ImageProxyError } from "../errors.ts";
 import { type Compression, decompress } from "./decompress.ts";
 import type { ImageProxy, OpenedImage } from "../proxy.ts";
-import { readTar, TarFormatError, type TarHeader } from "./tar.ts";
-import {
-  DirectoryNotEmptyError,
-  LAYER_LIMITS,
-  LayerError,
-  LayerLimitError,
-  UnsafeEntryError,
-} from "./errors.ts";
-import { type WrittenNode, WrittenPaths } from "./paths.ts";
+import { readTar, TarFormatError } from "./tar.ts";
+import { DirectoryNotEmptyError, LayerError, LayerLimitError, UnsafeEntryError } from "./errors.ts";
+import { WrittenPaths } from "./paths.ts";
+import { applyEntry, type LayerStats, pruneLower } from "./entry.ts";
+import { EntryMetadata } from "./metadata.ts";
 import {
   applyDirectoryModes,
   components,
   type DirectoryModes,
-  lstatOrNull,
   readdirOrEmpty,
-  remove,
   removeWritten,
   runningAsRoot,
   Target,
   unsafe,
-  writeAll,
 } from "./target.ts";
 export type { Compression } from "./decompress.ts";
 export {
@@ -57,31 +51,8 @@ export {
   UnsafeEntryError,
 } from "./errors.ts";
 export { type WrittenNode, WrittenPaths } from "./paths.ts";
+export type { LayerStats } from "./entry.ts";
 export { applyDirectoryModes, type DirectoryModes } from "./target.ts";
-
-/** What applying one layer did. */
-export interface LayerStats {
-  /** The compression found in the layer's first bytes. */
-  compression: Compression;
-  /** Tar entries read. */
-  entries: number;
-  /** Regular files written. */
-  files: number;
-  /** Directories created or updated. */
-  directories: number;
-  /** Symlinks created. */
-  symlinks: number;
-  /** Hardlinks created. */
-  hardlinks: number;
-  /** Whiteouts applied (`.wh.NAME` and opaque markers). */
-  whiteouts: number;
-  /** File content bytes written. */
-  bytes: number;
-  /** The first entries not created (device nodes, FIFOs), as `TYPE NAME` (`LAYER_LIMITS.skippedNames`). */
-  skipped: string[];
-  /** How many entries were not created, named in `skipped` or not. */
-  skippedCount: number;
-}
 
 /** Options for {@linkcode applyLayer}. */
 export interface ApplyLayerOptions {
@@ -106,6 +77,15 @@ export interface ApplyLayerOptions {
    * are not kept, setuid and setgid bits are dropped.
    */
   sameOwner?: boolean;
+  /**
+   * Apply the layer's root entry (`./`) to `dir` itself: its mode, its owner (with `sameOwner`) and its
+   * time, as GNU tar does. Default: when `dir` is missing or empty as the call begins, so that a layer
+   * applied over a directory that holds other things never changes it. Pass `true` for every layer of
+   * an image that started in an empty directory (what {@linkcode extractImage} does).
+   */
+  rootEntry?: boolean;
+  /** Write the entries' extended attributes (PAX `SCHILY.xattr.*`; default true). */
+  xattrs?: boolean;
 }
 
 /**
@@ -133,6 +113,7 @@ export async function applyLayer(
 ): Promise<LayerStats> {
   const { signal } = options;
   signal?.throwIfAborted();
+  const rootEntry = options.rootEntry ?? (await readdirOrEmpty(dir)).length === 0;
   const target = await Target.open(dir);
   let decompressed: { compression: Compression; stream: ReadableStream<Uint8Array> };
   try {
@@ -152,6 +133,8 @@ export async function applyLayer(
     bytes: 0,
     skipped: [],
     skippedCount: 0,
+    xattrs: 0,
+    xattrsSkipped: 0,
   };
   let tarStream = decompressed.stream;
   let hash: ReturnType<typeof createHash> | undefined;
@@ -176,7 +159,9 @@ export async function applyLayer(
   const imageScoped = options.writtenPaths !== undefined;
   const written = options.writtenPaths ?? new WrittenPaths();
   const layer = written.nextLayer();
-  const sameOwner = options.sameOwner ?? await runningAsRoot(target.root);
+  const asRoot = await runningAsRoot(target.root);
+  const sameOwner = options.sameOwner ?? asRoot;
+  const metadata = await EntryMetadata.open({ xattrs: options.xattrs ?? true, asRoot });
   const opaque = new Map<string, string[]>();
 
   try {
@@ -186,8 +171,17 @@ export async function applyLayer(
       const header = entry.header;
       const parts = components(header.name);
       if (parts.length === 0) {
-        if (header.type === "directory") continue; // The root itself ("./").
-        throw unsafe(header.name, "it names the target directory itself");
+        if (header.type !== "directory") throw unsafe(header.name, "it names the target directory itself");
+        if (rootEntry) {
+          if (sameOwner) await lchown(target.root, header.uid, header.gid);
+          metadata.xattrs(target.root, header, stats);
+          directoryModes.set(target.root, {
+            mode: sameOwner ? header.mode : header.mode & ~0o6000,
+            mtime: header.mtime,
+            mtimeNs: header.mtimeNs,
+          });
+        }
+        continue;
       }
       const base = parts[parts.length - 1];
       const parentParts = parts.slice(0, -1);
@@ -217,12 +211,12 @@ export async function applyLayer(
       }
       const parent = await applyEntry(
         target,
-        header,
+        entry,
         parts,
-        entry.content(),
         stats,
         directoryModes,
         sameOwner,
+        metadata,
       );
       if (parent !== null) written.mark([...target.relative(parent), base]);
     }
@@ -248,119 +242,8 @@ export async function applyLayer(
       );
     }
   }
-  if (ownModes) await applyDirectoryModes(directoryModes);
+  if (ownModes) await applyDirectoryModes(directoryModes, metadata);
   return stats;
-}
-
-/**
- * Removes what lower layers put under `real` (an opaque directory): everything this layer did not
- * write, or with `imageScoped`, only what earlier layers of the image wrote.
- */
-async function pruneLower(
-  real: string,
-  node: WrittenNode | undefined,
-  layer: number,
-  imageScoped: boolean,
-): Promise<void> {
-  for (const name of await readdir(real)) {
-    const child = node?.children?.get(name);
-    const path = `${real}/${name}`;
-    if (child?.layer === layer) {
-      if ((await lstatOrNull(path))?.isDirectory()) await pruneLower(path, child, layer, imageScoped);
-      continue;
-    }
-    if (imageScoped && child === undefined) continue;
-    await removeWritten(path, imageScoped ? child : undefined);
-    node?.children?.delete(name);
-  }
-}
-
-/** Creates one entry; returns the real path of its parent, or `null` when it was skipped. */
-async function applyEntry(
-  target: Target,
-  header: TarHeader,
-  parts: string[],
-  content: AsyncIterable<Uint8Array>,
-  stats: LayerStats,
-  directoryModes: DirectoryModes,
-  sameOwner: boolean,
-): Promise<string | null> {
-  const name = header.name;
-  if (header.type === "character-device" || header.type === "block-device" || header.type === "fifo") {
-    if (stats.skipped.length < LAYER_LIMITS.skippedNames) stats.skipped.push(`${header.type} ${name}`);
-    stats.skippedCount++;
-    return null;
-  }
-  // Check a hardlink's target before anything is created for the entry.
-  let linkTarget: string | undefined;
-  if (header.type === "hardlink") {
-    const targetParts = components(header.linkname, name, `its hardlink target "${header.linkname}"`);
-    if (targetParts.length === 0) throw unsafe(name, "its hardlink target is the target directory");
-    const parent = await target.directory(name, targetParts.slice(0, -1), false);
-    const path = parent === null ? null : `${parent}/${targetParts[targetParts.length - 1]}`;
-    const info = path === null ? null : await lstatOrNull(path);
-    if (path === null || info === null) {
-      throw new LayerError(
-        `Cannot create hardlink "${name}": its target "${header.linkname}" does not exist`,
-      );
-    }
-    if (info.isDirectory()) throw unsafe(name, `its hardlink target "${header.linkname}" is a directory`);
-    linkTarget = path;
-  }
-  const parent = (await target.directory(name, parts.slice(0, -1), true))!;
-  const path = `${parent}/${parts[parts.length - 1]}`;
-  const existing = await lstatOrNull(path);
-  const mtime = Number.isFinite(header.mtime) ? header.mtime : 0;
-  // Without the layer's owners, a setuid or setgid bit would grant the extracting user's rights.
-  const mode = sameOwner ? header.mode : header.mode & ~0o6000;
-  const chown = () => sameOwner ? lchown(path, header.uid, header.gid) : Promise.resolve();
-
-  if (header.type === "directory") {
-    if (existing !== null && !existing.isDirectory()) {
-      await remove(path);
-      target.forget();
-    }
-    if (existing === null || !existing.isDirectory()) await mkdir(path, { mode: 0o755 });
-    await chown();
-    stats.directories++;
-    directoryModes.set(path, { mode, mtime });
-    return parent;
-  }
-  if (existing !== null) {
-    if (linkTarget === path) return parent; // A hardlink to itself.
-    await remove(path);
-    target.forget();
-  }
-  switch (header.type) {
-    case "file": {
-      // "wx" is O_CREAT|O_EXCL: it never follows a symlink, and the path was just cleared.
-      const handle = await open(path, "wx", 0o600);
-      try {
-        for await (const chunk of content) {
-          await writeAll(handle, chunk);
-          stats.bytes += chunk.length;
-        }
-      } finally {
-        await handle.close();
-      }
-      await chown(); // Before chmod: changing the owner clears setuid and setgid.
-      await chmod(path, mode);
-      await utimes(path, mtime, mtime);
-      stats.files++;
-      return parent;
-    }
-    case "symlink":
-      await symlink(header.linkname, path);
-      await chown();
-      target.forget();
-      stats.symlinks++;
-      return parent;
-    case "hardlink":
-      await link(linkTarget!, path);
-      stats.hardlinks++;
-      return parent;
-  }
-  return null;
 }
 
 /** Progress of {@linkcode extractImage} (and of the CLI's fetch). */
@@ -395,6 +278,8 @@ export interface ExtractOptions {
   overwrite?: boolean;
   /** Keep each entry's numeric owner and group; see {@linkcode ApplyLayerOptions.sameOwner}. */
   sameOwner?: boolean;
+  /** Write the entries' extended attributes (default true); see {@linkcode ApplyLayerOptions.xattrs}. */
+  xattrs?: boolean;
 }
 
 /** What {@linkcode extractImage} did. */
@@ -452,7 +337,9 @@ export async function extractImage(
   options: ExtractOptions = {},
 ): Promise<ExtractResult> {
   const { signal, onProgress } = options;
-  if (!options.overwrite && (await readdirOrEmpty(dir)).length > 0) throw new DirectoryNotEmptyError(dir);
+  // The layers' root entries apply to `dir` only when it holds nothing of anyone else's.
+  const empty = (await readdirOrEmpty(dir)).length === 0;
+  if (!options.overwrite && !empty) throw new DirectoryNotEmptyError(dir);
   const { digest, manifest } = await proxy.fetchManifest(image);
   let diffIds: string[] | undefined;
   if (options.verifyDiffIds ?? true) {
@@ -491,6 +378,8 @@ export async function extractImage(
         directoryModes,
         writtenPaths,
         sameOwner: options.sameOwner,
+        rootEntry: empty,
+        xattrs: options.xattrs,
       });
     } catch (err) {
       if (err instanceof LayerLimitError && err.digest === undefined) {

@@ -1,12 +1,13 @@
 /**
  * A small tar writer: POSIX ustar headers, with a PAX extended header before any entry whose name,
  * link name, size, ids or time do not fit the ustar fields (long names, files of 8 GiB and more,
- * fractional times). What GNU tar, bsdtar and Go's archive/tar read.
+ * fractional times), and sparse files as GNU tar writes them. What GNU tar, bsdtar and Go's
+ * archive/tar read.
  *
  * @module
  */
 
-import type { TarHeader } from "./tar.ts";
+import type { SparseSegment, TarHeader } from "./tar.ts";
 
 const BLOCK = 512;
 const encoder = new TextEncoder();
@@ -97,16 +98,47 @@ function header(fields: {
 }
 
 /**
+ * A sparse file's map as GNU tar writes it at the start of the stored data (PAX format 1.0): the
+ * count, then each segment's offset and length, one number a line, padded to a whole block.
+ */
+export function sparseMapBlocks(segments: readonly SparseSegment[]): Uint8Array {
+  const text = [segments.length, ...segments.flatMap((s) => [s.offset, s.length])].join("\n") + "\n";
+  const bytes = encoder.encode(text);
+  const out = new Uint8Array(bytes.length + padding(bytes.length));
+  out.set(bytes);
+  return out;
+}
+
+/** The bytes a file's entry stores: its content, or for a sparse file its map and its data segments. */
+export function storedSize(entry: TarHeader): number {
+  if (entry.type !== "file") return 0;
+  if (entry.sparse === undefined) return entry.size;
+  return sparseMapBlocks(entry.sparse).length + entry.sparse.reduce((n, s) => n + s.length, 0);
+}
+
+/**
  * The header block(s) for `entry`: a PAX extended header first when a value does not fit ustar,
- * then the ustar header. `entry.name` is written as given (a directory gets a trailing `/`).
+ * then the ustar header. `entry.name` is written as given (a directory gets a trailing `/`). A sparse
+ * file is written as GNU tar writes it (PAX format 1.0): its data is then its map and its segments.
  */
 export function tarHeaderBlocks(entry: TarHeader): Uint8Array {
-  const name = entry.type === "directory" && !entry.name.endsWith("/") ? `${entry.name}/` : entry.name;
+  let name = entry.type === "directory" && !entry.name.endsWith("/") ? `${entry.name}/` : entry.name;
   const records: string[] = [];
+  if (entry.type === "file" && entry.sparse !== undefined) {
+    records.push(
+      paxRecord("GNU.sparse.major", "1"),
+      paxRecord("GNU.sparse.minor", "0"),
+      paxRecord("GNU.sparse.name", name),
+      paxRecord("GNU.sparse.realsize", String(entry.size)),
+    );
+    // GNU tar's own stand-in name, so that a reader without sparse support extracts no wrong file.
+    const slash = name.lastIndexOf("/");
+    name = `${name.slice(0, slash + 1)}GNUSparseFile.0/${name.slice(slash + 1)}`;
+  }
   const split = splitName(name);
   if (split === null) records.push(paxRecord("path", name));
   if (encoder.encode(entry.linkname).length > 100) records.push(paxRecord("linkpath", entry.linkname));
-  const size = entry.type === "file" ? entry.size : 0;
+  const size = storedSize(entry);
   if (!fitsOctal(size, 12)) records.push(paxRecord("size", String(size)));
   if (!fitsOctal(entry.uid, 8)) records.push(paxRecord("uid", String(entry.uid)));
   if (!fitsOctal(entry.gid, 8)) records.push(paxRecord("gid", String(entry.gid)));

@@ -2,9 +2,12 @@
  * A small streaming tar reader: ustar, GNU long names (`L`, `K`) and PAX extended headers (`x`, `g`),
  * enough for every layer format the OCI image spec allows. It reads a Web `ReadableStream` once, holds
  * at most one chunk plus one header in memory, and hands out each entry's content as it arrives.
+ * Sparse files in GNU tar's PAX format 1.0 (`--sparse --format=pax`) are read too: their map of data
+ * segments is parsed and checked, and their content handed out either whole (holes as zeros) or as the
+ * stored segments with their offsets, which is what an extraction writes to keep the holes.
  * Metadata is bounded by {@linkcode LAYER_LIMITS}: one PAX or long-name entry, all global PAX headers
- * together, and every name and link target; only the PAX keys it uses are kept, so lookups cost the
- * same whatever else a header carries.
+ * together, every name and link target, and a sparse map; only the PAX keys it uses are kept, so
+ * lookups cost the same whatever else a header carries.
  *
  * Written here rather than taken from npm because layer extraction needs the raw header facts (type,
  * link name, mode, PAX path) with no policy applied, works on Web streams in both runtimes, and is
@@ -13,7 +16,8 @@
  * @module
  */
 
-import { LAYER_LIMITS, LayerLimitError } from "./errors.ts";
+import { LAYER_LIMITS, LayerLimitError, TarFormatError } from "./errors.ts";
+import { readSparseMap, sparseRecords, zeros } from "./tar-sparse.ts";
 
 /** The kinds of tar entries a layer may carry. */
 export type TarEntryType =
@@ -37,16 +41,44 @@ export interface TarHeader {
   uid: number;
   /** The group's numeric id. */
   gid: number;
-  /** The content's size in bytes (0 for everything but files). */
+  /** The content's size in bytes (0 for everything but files); a sparse file's full size, holes included. */
   size: number;
   /** Modification time in seconds since the epoch (may have a fraction from PAX). */
   mtime: number;
+  /** The same time in nanoseconds, exact: a PAX time's digits, never through a double. */
+  mtimeNs: bigint;
   /** The target of a symlink or hardlink, as stored; empty for other types. */
   linkname: string;
   /** Device numbers of character and block devices. */
   devmajor: number;
   /** Device numbers of character and block devices. */
   devminor: number;
+  /**
+   * A sparse file's data segments, in order, not overlapping, inside `size`; what lies between them is a
+   * hole. Absent for every other entry.
+   */
+  sparse?: readonly SparseSegment[];
+  /**
+   * Extended attributes from the entry's PAX `SCHILY.xattr.NAME` records (what GNU tar `--xattrs`
+   * writes), name to value bytes, in the archive's order. Absent when there are none.
+   */
+  xattrs?: [string, Uint8Array][];
+}
+
+/** A run of data in a sparse file: `length` bytes at `offset`. */
+export interface SparseSegment {
+  /** Where the data starts in the file. */
+  offset: number;
+  /** How many bytes of data. */
+  length: number;
+}
+
+/** A piece of a file's stored data and where it goes in the file. */
+export interface TarSegment {
+  /** The position of `data` in the file. */
+  offset: number;
+  /** The bytes (a view into the reader's buffers: copy to keep them). */
+  data: Uint8Array;
 }
 
 /** One entry: its header and, for files, its content, which must be read before the next entry. */
@@ -58,16 +90,15 @@ export interface TarEntry {
    * empty for other types. What is not read is skipped when the next entry is requested.
    */
   content(): AsyncIterable<Uint8Array>;
+  /**
+   * The content as stored, each piece with its offset in the file: a sparse file's holes are left out,
+   * so that a writer can leave them as holes. Either this or {@linkcode TarEntry.content} may be read,
+   * once.
+   */
+  segments(): AsyncIterable<TarSegment>;
 }
 
-/** The archive is malformed or uses a feature a layer must not (GNU sparse files, multi-volume). */
-export class TarFormatError extends Error {
-  /** Creates the error. */
-  constructor(message: string) {
-    super(message);
-    this.name = "TarFormatError";
-  }
-}
+export { TarFormatError } from "./errors.ts";
 
 const BLOCK = 512;
 const decoder = new TextDecoder();
@@ -181,14 +212,35 @@ function checksumOk(block: Uint8Array): boolean {
 }
 
 /** The PAX keys an entry's header takes; others are read and dropped. */
-const PAX_KEYS = new Set(["path", "linkpath", "size", "uid", "gid", "mtime"]);
+const PAX_KEYS = new Set([
+  "path",
+  "linkpath",
+  "size",
+  "uid",
+  "gid",
+  "mtime",
+  // GNU sparse files: format 1.0 is read; the others (0.0, 0.1) are told apart to be refused by name.
+  "GNU.sparse.major",
+  "GNU.sparse.minor",
+  "GNU.sparse.name",
+  "GNU.sparse.realsize",
+  "GNU.sparse.size",
+  "GNU.sparse.map",
+  "GNU.sparse.offset",
+]);
+
+/** The PAX key prefix of an extended attribute (GNU tar and star). */
+const XATTR_PREFIX = "SCHILY.xattr.";
 
 /**
- * Parses PAX records (`LENGTH KEY=VALUE\n`) into `into`, keeping only {@linkcode PAX_KEYS}.
+ * Parses PAX records (`LENGTH KEY=VALUE\n`) into `into`, keeping only {@linkcode PAX_KEYS}; with
+ * `xattrs`, extended attributes go there, their values as bytes (they are binary, not UTF-8).
  *
- * @throws {TarFormatError} for malformed records and GNU sparse files, which layers must not use.
+ * @throws {TarFormatError} for malformed records.
+ * @throws {LayerLimitError} when the extended attributes take more than `LAYER_LIMITS.xattrBytes`.
  */
-function parsePax(data: Uint8Array, into: Map<string, string>): void {
+function parsePax(data: Uint8Array, into: Map<string, string>, xattrs?: [string, Uint8Array][]): void {
+  let xattrBytes = 0;
   let offset = 0;
   while (offset < data.length) {
     const space = data.indexOf(0x20, offset);
@@ -201,10 +253,18 @@ function parsePax(data: Uint8Array, into: Map<string, string>): void {
     const equals = record.indexOf(0x3d);
     if (equals <= 0) throw new TarFormatError("Malformed PAX record");
     const key = decoder.decode(record.subarray(0, equals));
-    if (key.startsWith("GNU.sparse.")) {
-      throw new TarFormatError("GNU sparse files are not supported in image layers");
-    }
     if (PAX_KEYS.has(key)) into.set(key, decoder.decode(record.subarray(equals + 1)));
+    else if (xattrs !== undefined && key.startsWith(XATTR_PREFIX) && key.length > XATTR_PREFIX.length) {
+      xattrBytes += record.length;
+      if (xattrBytes > LAYER_LIMITS.xattrBytes) {
+        throw new LayerLimitError(
+          "xattrBytes",
+          `Extended attributes of ${xattrBytes} bytes or more on one entry`,
+        );
+      }
+      // A copy: the record is a view into the reader's buffers.
+      xattrs.push([key.slice(XATTR_PREFIX.length), record.slice(equals + 1)]);
+    }
     offset += length;
   }
 }
@@ -235,6 +295,16 @@ const TYPES: Record<string, TarEntryType> = {
   "6": "fifo",
 };
 
+/**
+ * A PAX time (`SECONDS[.FRACTION]`) in nanoseconds, from its digits; digits past the ninth are dropped,
+ * as GNU tar drops them.
+ */
+function paxTimeNs(text: string): bigint | undefined {
+  const match = /^([0-9]{1,20})(?:\.([0-9]*))?$/.exec(text);
+  if (match === null) return undefined;
+  return BigInt(match[1]) * 1_000_000_000n + BigInt((match[2] ?? "").slice(0, 9).padEnd(9, "0"));
+}
+
 function paxNumber(records: PaxRecords, key: string, fallback: number): number {
   const text = records.get(key);
   if (text === undefined) return fallback;
@@ -263,6 +333,7 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
   let finished = false;
   try {
     let pax = new Map<string, string>();
+    let xattrs: [string, Uint8Array][] = [];
     let longName: string | undefined;
     let longLink: string | undefined;
     for (;;) {
@@ -294,7 +365,8 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
         const body = data.subarray(0, size);
         if (typeflag === "x") {
           pax = new Map();
-          parsePax(body, pax);
+          xattrs = [];
+          parsePax(body, pax, xattrs);
         } else if (typeflag === "g") parsePax(body, globalPax);
         else {
           const end = body.indexOf(0);
@@ -306,11 +378,18 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
       }
       const local = pax;
       const records: PaxRecords = { get: (key) => local.get(key) ?? globalPax.get(key) };
+      const localXattrs = xattrs;
       pax = new Map();
+      xattrs = [];
       let type = TYPES[typeflag];
+      if (typeflag === "S") {
+        throw new TarFormatError('GNU sparse files of the old GNU format (type "S") are not supported');
+      }
       if (type === undefined) {
         throw new TarFormatError(`Unsupported tar entry type "${typeflag}"`);
       }
+      // Only an entry's own records make it sparse: a global header cannot.
+      const sparseFacts = type === "file" ? sparseRecords(local) : undefined;
       const magic = field(block, 257, 6);
       let name = field(block, 0, 100);
       // The ustar prefix field; GNU tar ("ustar  ") keeps other data there.
@@ -318,7 +397,7 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
         const prefix = field(block, 345, 155);
         if (prefix) name = `${prefix}/${name}`;
       }
-      name = records.get("path") ?? longName ?? name;
+      name = sparseFacts?.name ?? records.get("path") ?? longName ?? name;
       const linkname = records.get("linkpath") ?? longLink ?? field(block, 157, 100);
       longName = longLink = undefined;
       checkPath(name, "name");
@@ -333,29 +412,68 @@ export async function* readTar(stream: ReadableStream<Uint8Array>): AsyncGenerat
         gid: paxNumber(records, "gid", numeric(block, 116, 8, "gid")),
         size: type === "file" ? paxNumber(records, "size", size) : 0,
         mtime: paxNumber(records, "mtime", numeric(block, 136, 12, "mtime")),
+        mtimeNs: 0n,
         linkname: type === "symlink" || type === "hardlink" ? linkname : "",
         devmajor: numeric(block, 329, 8, "device number"),
         devminor: numeric(block, 337, 8, "device number"),
       };
+      const paxTime = records.get("mtime");
+      header.mtimeNs = paxTime === undefined
+        ? BigInt(header.mtime) * 1_000_000_000n
+        : paxTimeNs(paxTime) ?? BigInt(Math.round(header.mtime * 1e9)); // An exponent: rare, not exact.
+      if (localXattrs.length > 0) header.xattrs = localXattrs;
       if (name.includes("\0") || linkname.includes("\0")) throw new TarFormatError("NUL in a tar name");
       // The data that follows: a PAX size overrides the header's; non-files may still carry data.
       const dataSize = type === "file" ? header.size : size;
       const dataPadded = Math.ceil(dataSize / BLOCK) * BLOCK;
       const what = `the content of "${name}"`;
       let consumed = 0;
+      // A sparse file's data starts with its map; the file is as large as the map says.
+      let segments: readonly SparseSegment[] = [{ offset: 0, length: dataSize }];
+      if (sparseFacts !== undefined) {
+        const readBlock = async () => {
+          const block = await input.readExact(BLOCK, "a sparse map");
+          if (block === null) throw new TarFormatError("Archive ends in the middle of a sparse map");
+          return block;
+        };
+        const map = await readSparseMap(readBlock, name, dataSize, sparseFacts.realSize);
+        consumed = map.mapBytes;
+        segments = header.sparse = map.segments;
+        header.size = sparseFacts.realSize;
+      }
       let reading = false;
+      const stored = async function* (): AsyncGenerator<TarSegment> {
+        for (const segment of segments) {
+          let offset = segment.offset;
+          for await (const data of input.take(segment.length, what)) {
+            consumed += data.length;
+            yield { offset, data };
+            offset += data.length;
+          }
+        }
+      };
+      const once = <T>(read: () => AsyncGenerator<T>): AsyncIterable<T> => {
+        if (reading || type !== "file") return (async function* () {})();
+        reading = true;
+        return read();
+      };
       const entry: TarEntry = {
         header,
-        content: () => {
-          if (reading || type !== "file") return (async function* () {})();
-          reading = true;
-          return (async function* () {
-            for await (const chunk of input.take(dataSize, what)) {
-              consumed += chunk.length;
-              yield chunk;
+        segments: () => once(stored),
+        content: () =>
+          once(async function* () {
+            if (header.sparse === undefined) {
+              for await (const { data } of stored()) yield data;
+              return;
             }
-          })();
-        },
+            let position = 0;
+            for await (const { offset, data } of stored()) {
+              yield* zeros(offset - position);
+              yield data;
+              position = offset + data.length;
+            }
+            yield* zeros(header.size - position);
+          }),
       };
       yield entry;
       await input.skip(dataPadded - consumed, what);

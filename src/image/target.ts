@@ -5,10 +5,11 @@
  * @module
  */
 
-import { chmod, lstat, mkdir, open, readdir, realpath, rm, rmdir, stat, utimes } from "node:fs/promises";
+import { chmod, lstat, mkdir, open, readdir, realpath, rm, rmdir, stat } from "node:fs/promises";
 import process from "node:process";
 import { LAYER_LIMITS, LayerError, LayerLimitError, UnsafeEntryError } from "./errors.ts";
 import type { WrittenNode } from "./paths.ts";
+import { EntryMetadata } from "./metadata.ts";
 
 export function unsafe(name: string, reason: string): UnsafeEntryError {
   return new UnsafeEntryError(name, reason);
@@ -167,31 +168,43 @@ export async function removeWritten(path: string, node: WrittenNode | undefined)
   }
 }
 
+/** Writes all of `chunk` at the file's position, or at `position` when given (a positional write). */
 export async function writeAll(
   handle: Awaited<ReturnType<typeof open>>,
   chunk: Uint8Array,
+  position?: number,
 ): Promise<void> {
   let offset = 0;
   while (offset < chunk.length) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset);
+    const at = position === undefined ? null : position + offset;
+    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset, at);
     offset += bytesWritten;
   }
 }
 
-/** Directory modes and times waiting to be applied, by real path. */
-export type DirectoryModes = Map<string, { mode: number; mtime: number }>;
+/**
+ * Directory modes and times waiting to be applied, by real path (`mtimeNs`, when known, is the time
+ * to the nanosecond).
+ */
+export type DirectoryModes = Map<string, { mode: number; mtime: number; mtimeNs?: bigint }>;
 
-/** Applies every pending directory mode and time, deepest first. */
-export async function applyDirectoryModes(modes: DirectoryModes): Promise<void> {
+/**
+ * Applies every pending directory mode and time, deepest first.
+ *
+ * @param modes the pending modes; emptied.
+ * @param metadata what sets times (default: the runtime's calls, else `node:fs`).
+ */
+export async function applyDirectoryModes(modes: DirectoryModes, metadata?: EntryMetadata): Promise<void> {
+  metadata ??= await EntryMetadata.open({ xattrs: false, asRoot: false });
   const paths = [...modes.keys()].sort((a, b) => b.length - a.length);
   for (const path of paths) {
-    const { mode, mtime } = modes.get(path)!;
+    const pending = modes.get(path)!;
     try {
       // A later entry may have replaced the directory, or one of its parents, with a symlink: chmod
-      // and utimes follow symlinks, so only a path that is still exactly this directory is touched.
+      // follows symlinks, so only a path that is still exactly this directory is touched.
       if ((await realpath(path)) !== path || !(await lstat(path)).isDirectory()) continue;
-      await chmod(path, mode);
-      await utimes(path, mtime, mtime);
+      await chmod(path, pending.mode);
+      await metadata.times(path, pending);
     } catch (err) {
       if (!isMissing(err)) throw err;
     }

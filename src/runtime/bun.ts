@@ -42,6 +42,7 @@ import {
   TailBuffer,
 } from "./posix.ts";
 import { type NowCalls, pollFileSink } from "./poll.ts";
+import { type ExtractCalls, extractCallsOver } from "./extract-calls.ts";
 
 // ---- FFI binding ----
 
@@ -470,3 +471,38 @@ function bindRuntime(): PosixRuntime {
  * ```
  */
 export const bunTransport: TransportFactory = posixTransportFactory(bindRuntime, (name) => bun().env[name]);
+
+// ---- Extraction ----
+
+const EXTRACT_SYMBOLS = {
+  utimensat: { args: ["i32", "ptr", "ptr", "i32"], returns: "i32" },
+  lsetxattr: { args: ["ptr", "ptr", "ptr", "usize", "i32"], returns: "i32" },
+  __errno_location: { args: [], returns: "ptr" },
+  strerror: { args: ["i32"], returns: "ptr" },
+} as const;
+
+interface ExtractLibc {
+  utimensat(dirfd: number, path: Uint8Array, times: Uint8Array, flags: number): number;
+  lsetxattr(path: Uint8Array, name: Uint8Array, value: Uint8Array, size: number, flags: number): number;
+  __errno_location(): number;
+  strerror(errno: number): number;
+}
+
+/**
+ * The extraction's calls with nanosecond times and extended attributes.
+ *
+ * @returns the calls, bound to libc.
+ */
+export function extractCalls(): ExtractCalls | undefined {
+  const ffi = loadFfi();
+  const lib = ffi.dlopen("libc.so.6", EXTRACT_SYMBOLS).symbols as unknown as ExtractLibc;
+  return extractCallsOver({
+    utimensat: lib.utimensat,
+    lsetxattr: lib.lsetxattr,
+    errno: () => ffi.read.i32(lib.__errno_location(), 0),
+    strerror: (errno) => {
+      const text = lib.strerror(errno);
+      return text ? new ffi.CString(text).toString() : `errno ${errno}`;
+    },
+  });
+}

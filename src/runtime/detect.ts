@@ -8,6 +8,8 @@
 
 import { ImageProxyError } from "../errors.ts";
 import type { TransportFactory } from "../transport.ts";
+import type { ExtractCalls } from "./extract-calls.ts";
+export type { ExtractCalls } from "./extract-calls.ts";
 
 /** The runtime this code runs on, as far as the adapters care. */
 export function detectRuntime(): "deno" | "bun" | "node" | "unknown" {
@@ -49,4 +51,34 @@ export async function openNodeZstdDecoder(
   options: import("./node-zstd.ts").ZstdDecoderOptions,
 ): Promise<import("./node-zstd.ts").ZstdDecoder> {
   return (await import("./node-zstd.ts")).openZstdDecoder(options);
+}
+
+let extractCallsLoaded: Promise<ExtractCalls | undefined> | undefined;
+
+/**
+ * The calls an extraction uses for nanosecond times and extended attributes, bound by this runtime's
+ * adapter (loaded on demand, once), or `undefined` when the runtime is unknown or cannot bind them
+ * (Deno without `--allow-ffi`): extraction then sets times through `node:fs`, to the millisecond, and
+ * writes no extended attribute.
+ *
+ * @returns the calls, or `undefined`.
+ */
+export function extractCalls(): Promise<ExtractCalls | undefined> {
+  extractCallsLoaded ??= (async () => {
+    try {
+      switch (detectRuntime()) {
+        case "deno":
+          return (await import("./deno.ts")).extractCalls();
+        case "bun":
+          return (await import("./bun.ts")).extractCalls();
+        case "node":
+          return (await import("./node.ts")).extractCalls();
+        default:
+          return undefined;
+      }
+    } catch {
+      return undefined;
+    }
+  })();
+  return extractCallsLoaded;
 }

@@ -34,6 +34,7 @@ import {
   type Syscalls,
 } from "./posix.ts";
 import { socketStream } from "./socket-stream.ts";
+import { type ExtractCalls, extractCallsOver } from "./extract-calls.ts";
 
 // ---- FFI binding ----
 
@@ -217,3 +218,24 @@ export const nodeTransport: TransportFactory = posixTransportFactory(
   bindRuntime,
   (name) => process.env[name],
 );
+
+// ---- Extraction ----
+
+/**
+ * The extraction's calls with nanosecond times and extended attributes.
+ *
+ * @returns the calls, bound to libc.
+ */
+export function extractCalls(): ExtractCalls | undefined {
+  const libc = koffi.load("libc.so.6");
+  const utimensat = libc.func("int utimensat(int, const void *, const void *, int)");
+  const lsetxattr = libc.func("int lsetxattr(const void *, const void *, const void *, size_t, int)");
+  const strerror = libc.func("const char *strerror(int)");
+  return extractCallsOver({
+    utimensat: (dirfd, path, times, flags) => utimensat(dirfd, path, times, flags),
+    lsetxattr: (path, name, value, size, flags) => lsetxattr(path, name, value, size, flags),
+    // koffi saves errno right after each call on the JS thread, before V8 can change it.
+    errno: () => koffi.errno(),
+    strerror: (errno) => strerror(errno) ?? `errno ${errno}`,
+  });
+}

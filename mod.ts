@@ -1,5 +1,5 @@
 /**
- * Fetch container images from Deno and Bun through skopeo's `experimental-image-proxy`: every
+ * Fetch container images from Deno, Bun and Node through skopeo's `experimental-image-proxy`: every
  * transport, mirror, auth file and signature policy containers/image supports, with manifests,
  * configurations and layers streamed as Web `ReadableStream`s.
  *

@@ -43,6 +43,7 @@ import {
   type LayerSource,
   OPAQUE,
   type ReadLayerOptions,
+  streamOf,
   WHITEOUT,
 } from "./layers.ts";
 import type { TarEntry, TarHeader } from "./tar.ts";
@@ -288,15 +289,5 @@ export function exportImage(
   image: OpenedImage,
   options: ExportOptions = {},
 ): ReadableStream<Uint8Array> {
-  const chunks = flatten(proxy, image, options);
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      const { done, value } = await chunks.next();
-      if (done) controller.close();
-      else controller.enqueue(value);
-    },
-    async cancel() {
-      await chunks.return(undefined);
-    },
-  }, { highWaterMark: 0 });
+  return streamOf(flatten(proxy, image, options));
 }

@@ -255,3 +255,20 @@ export function rootParts(path: string, base: string[] = []): string[] {
   }
   return out;
 }
+
+/**
+ * A byte stream pulled from `chunks` one at a time (no read-ahead); cancelling it returns the generator,
+ * so its `finally` blocks release what it holds (blob streams, temporary files).
+ */
+export function streamOf(chunks: AsyncGenerator<Uint8Array>): ReadableStream<Uint8Array> {
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const { done, value } = await chunks.next();
+      if (done) controller.close();
+      else controller.enqueue(value);
+    },
+    async cancel() {
+      await chunks.return(undefined);
+    },
+  }, { highWaterMark: 0 });
+}

@@ -38,6 +38,7 @@ import {
   OPAQUE,
   type ReadLayerOptions,
   rootParts,
+  streamOf,
   SymlinkLoopError,
   WHITEOUT,
 } from "./layers.ts";
@@ -318,17 +319,4 @@ async function placedHeaders(
     placed.layers.set(layer.index, renamed);
   }
   return placed;
-}
-
-function streamOf(chunks: AsyncGenerator<Uint8Array>): ReadableStream<Uint8Array> {
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      const { done, value } = await chunks.next();
-      if (done) controller.close();
-      else controller.enqueue(value);
-    },
-    async cancel() {
-      await chunks.return(undefined);
-    },
-  }, { highWaterMark: 0 });
 }
